@@ -68,9 +68,11 @@ class NoiseSchedule(ABC):
         return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
 
     def check_sigmas(self, sigmas: Tensor, name: str = "sigmas", rtol: float = 1e-4) -> None:
-        """Raise ValueError if any sigma lies outside ``[sigma_min, sigma_max]`` (relative tolerance)."""
+        """Raise ValueError if any sigma is NaN/inf or lies outside ``[sigma_min, sigma_max]`` (relative tolerance)."""
         lo, hi = self.sigma_min * (1 - rtol), self.sigma_max * (1 + rtol)
-        s = sigmas.detach()
+        s = torch.as_tensor(sigmas).detach()
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{name} contains NaN or inf values: {s.tolist() if s.numel() <= 16 else '(large tensor)'}")
         if bool(((s < lo) | (s > hi)).any()):
             raise ValueError(
                 f"{name} has values outside the {self.name} schedule's range "
@@ -93,9 +95,7 @@ class EDMSchedule(NoiseSchedule):
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        # Used only through sigma(); EDM overrides sigma directly for exactness.
-        t = _as_tensor(t)
-        return -0.5 * torch.log1p(t * t)
+        return torch.zeros_like(_as_tensor(t))
 
     def sigma(self, t: Tensor) -> Tensor:
         return _as_tensor(t).clone()
@@ -143,25 +143,41 @@ class VPLinearSchedule(NoiseSchedule):
 
 
 class VPCosineSchedule(NoiseSchedule):
-    """Improved-DDPM cosine schedule alpha(t) = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)) (Nichol & Dhariwal 2021)."""
+    """Improved-DDPM cosine schedule alpha(t) = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)) (Nichol & Dhariwal 2021).
+
+    With ``a = pi/2 (t+s)/(1+s)`` and ``a0 = a(0)``, ``sigma^2 = sin(a-a0) sin(a+a0) / cos(a)^2``: written
+    with these products (no ``1 - cos`` cancellation) sigma and its inverse keep full float32 accuracy.
+    """
 
     name = "vp_cosine"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        if not s >= 0:
+            raise ValueError(f"s must be >= 0 (the cosine offset), got s={s}")
         if not 0 < t_min < t_max < 1:
             raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
         self.s, self.t_min, self.t_max = float(s), float(t_min), float(t_max)
-        self._log_alpha_0 = math.log(math.cos(math.pi / 2 * self.s / (1 + self.s)))
+        self._scale = math.pi / 2 / (1 + self.s)  # a = scale (t + s)
+        self._log_alpha_0 = math.log(math.cos(self._scale * self.s))
 
     def log_alpha(self, t: Tensor) -> Tensor:
         t = _as_tensor(t)
-        return torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_alpha_0
+        return torch.log(torch.sin(self._scale * (1 - t))) - self._log_alpha_0  # cos(a) = sin(pi/2 - a)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        k = self._scale
+        return torch.sqrt(torch.sin(k * t) * torch.sin(k * (t + 2 * self.s))) / torch.sin(k * (1 - t))
 
     def t_from_lambda(self, lam: Tensor) -> Tensor:
+        # tan(a)^2 = sigma^2 / cos(a0)^2 + tan(a0)^2, and tan(a - a0) = (tan a - tan a0) / (1 + tan a tan a0)
+        # with tan a - tan a0 = (sigma / cos a0)^2 / (tan a + tan a0): every term positive, no cancellation.
         lam = _as_tensor(lam)
-        log_alpha = -0.5 * torch.nn.functional.softplus(-2.0 * lam)
-        angle = torch.acos(torch.exp(log_alpha + self._log_alpha_0))
-        return 2.0 * (1 + self.s) / math.pi * angle - self.s
+        a0 = self._scale * self.s
+        ratio_sq = torch.exp(-2.0 * lam) / math.cos(a0) ** 2
+        tan_a0 = math.tan(a0)
+        tan_a = torch.sqrt(ratio_sq + tan_a0**2)
+        return torch.atan2(ratio_sq, (tan_a + tan_a0) * (1 + tan_a * tan_a0)) / self._scale
 
 
 class VPDiscreteSchedule(NoiseSchedule):
@@ -223,7 +239,7 @@ class VPDiscreteSchedule(NoiseSchedule):
         lam = _as_tensor(lam)
         table = self._table(lam)
         rev = table.flip(0)  # increasing
-        lam_c = lam.clamp(float(rev[0]), float(rev[-1]))
+        lam_c = torch.clamp(lam, rev[0], rev[-1])  # tensor bounds: no host sync on accelerators
         j = torch.searchsorted(rev, lam_c.detach().contiguous(), right=True).clamp(1, rev.numel() - 1)
         lo, hi = rev[j - 1], rev[j]
         frac = (lam_c - lo) / (hi - lo)
