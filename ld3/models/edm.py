@@ -1,0 +1,290 @@
+"""EDM network pickles (Karras et al. 2022, NVlabs/edm release) as LD3 denoisers.
+
+The release files (``edm-cifar10-32x32-cond-vp.pkl``, ``network-snapshot-*.pkl``, ...) are pickles of a
+dict ``{"ema": network, "loss_fn": ..., "augment_pipe": ..., "dataset_kwargs": ...}``. Each network
+object is saved by EDM's ``torch_utils.persistence``: it is pickled as a call
+``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` holds the *source code* of
+the whole Python module that defined the class, the class name and the object state. Unpickling
+executes that source code.
+
+SECURITY: a pickle runs arbitrary code when loaded, and these pickles run their embedded module
+source by design. Load only files from sources you trust.
+
+EDM's own source tree is not needed: :func:`load_edm_network` unpickles with a custom ``find_class``
+that supplies minimal stand-ins for the ``torch_utils`` / ``dnnlib`` names the files reference. The
+stand-ins are never added to ``sys.modules``; the embedded module code is executed in a private module
+whose ``__import__`` resolves ``torch_utils.*`` / ``dnnlib.*`` to them (other imports are normal).
+
+The networks (``VPPrecond``, ``VEPrecond``, ``EDMPrecond``, ``iDDPMPrecond``) are already denoisers in
+EDM form, ``net(x, sigma, class_labels) -> D(x; sigma)``, so :class:`EDMDenoiser` only validates the call
+and turns class ids into the one-hot labels the networks expect.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import types
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from ld3.losses import MissingWeightsError
+from ld3.models.base import DenoiserAdapter, expand_condition, freeze
+from ld3.schedules import EDMSchedule
+
+EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+TRUST_WARNING = "a pickle runs arbitrary code when loaded (EDM pickles execute their embedded source): load only trusted files"
+_PERSISTENCE_VERSION = 6  # version of EDM's torch_utils.persistence format that the release files use
+
+
+class EmbeddedCodeError(ValueError):
+    """The pickle's embedded code could not be rebuilt, or it does not define an EDM network."""
+
+
+# ---- stand-ins for the torch_utils / dnnlib names that EDM pickles reference ---------------------------
+class EasyDict(dict):
+    """A dict with attribute access (what ``dnnlib.EasyDict`` is in the pickles)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+_module_of_source: dict[str, types.ModuleType] = {}  # embedded source -> its private module
+_source_of_module: dict[str, str] = {}  # private module name -> embedded source
+_persistent_classes: set[type] = set()
+
+
+def _persistent_class(orig_class: type) -> type:
+    """Stand-in for ``persistence.persistent_class``: subclass that pickles back to the same format.
+
+    Instances reduce to ``_reconstruct_persistent_obj(meta)`` of *this* module, so a loaded network can be
+    deep-copied or pickled again (e.g. to send it to a worker) in any process that can import ``ld3``.
+    """
+    if orig_class in _persistent_classes:
+        return orig_class
+    source = _source_of_module.get(orig_class.__module__)
+    if source is None:
+        raise EmbeddedCodeError(
+            f"persistent_class({orig_class.__name__}) outside embedded EDM code: ld3 only rebuilds classes "
+            "from pickled EDM networks; import EDM's own torch_utils to define new persistent classes"
+        )
+
+    class Persistent(orig_class):
+        def __reduce__(self):
+            meta = dict(type="class", version=_PERSISTENCE_VERSION, module_src=source,
+                        class_name=orig_class.__name__, state=self.__getstate__())
+            return _reconstruct_persistent_obj, (meta,)
+
+    Persistent.__name__ = Persistent.__qualname__ = orig_class.__name__
+    Persistent.__module__ = orig_class.__module__
+    _persistent_classes.add(Persistent)
+    return Persistent
+
+
+def _reconstruct_persistent_obj(meta: dict) -> Any:
+    """Rebuild one persistent object: run its module source once, then restore the class instance state."""
+    meta = EasyDict(meta)
+    if meta.get("type") != "class" or meta.get("version") != _PERSISTENCE_VERSION:
+        raise EmbeddedCodeError(
+            f"unsupported torch_utils.persistence record (type={meta.get('type')!r}, version={meta.get('version')!r}); "
+            f"ld3 reads version {_PERSISTENCE_VERSION} (the EDM release format)"
+        )
+    module = _module_from_source(meta.module_src)
+    try:
+        cls = _persistent_class(module.__dict__[meta.class_name])
+    except KeyError:
+        raise EmbeddedCodeError(f"the embedded module source defines no class {meta.class_name!r}") from None
+    obj = cls.__new__(cls)
+    state = EasyDict(meta.state)
+    setstate = getattr(obj, "__setstate__", None)
+    if callable(setstate):
+        setstate(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
+
+
+def _module_from_source(source: str) -> types.ModuleType:
+    """Execute embedded module source once in a private module (not registered in ``sys.modules``)."""
+    module = _module_of_source.get(source)
+    if module is None:
+        module = types.ModuleType(f"_ld3_edm_embedded_{uuid.uuid4().hex}")
+        module.__dict__["__builtins__"] = {**vars(builtins), "__import__": _embedded_import}
+        _source_of_module[module.__name__] = source
+        try:
+            exec(compile(source, f"<EDM pickle: {module.__name__}>", "exec"), module.__dict__)  # noqa: S102 - see TRUST_WARNING
+        except Exception as error:
+            del _source_of_module[module.__name__]
+            raise EmbeddedCodeError(f"the pickle's embedded module source failed to run: {error!r}") from error
+        _module_of_source[source] = module
+    return module
+
+
+def _missing_attribute(module_name: str):
+    def __getattr__(name: str) -> Any:
+        raise AttributeError(
+            f"{module_name}.{name} is not provided by ld3's EDM loader, which rebuilds only the networks "
+            "(persistence, EasyDict); this object needs EDM's own source tree"
+        )
+    return __getattr__
+
+
+def _stand_in_modules() -> dict[str, types.ModuleType]:
+    """The ``torch_utils`` / ``dnnlib`` modules as the pickles and their embedded code see them."""
+    modules = {name: types.ModuleType(name) for name in
+               ("dnnlib", "dnnlib.util", "torch_utils", "torch_utils.persistence", "torch_utils.misc")}
+    modules["dnnlib"].EasyDict = modules["dnnlib.util"].EasyDict = EasyDict
+    modules["dnnlib"].util = modules["dnnlib.util"]
+    persistence = modules["torch_utils.persistence"]
+    persistence.persistent_class = _persistent_class
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    modules["torch_utils"].persistence = persistence
+    modules["torch_utils"].misc = modules["torch_utils.misc"]  # imported by augment.py, needed only to train
+    for module in modules.values():
+        module.__getattr__ = _missing_attribute(module.__name__)
+    return modules
+
+
+_STAND_INS = _stand_in_modules()
+_STAND_IN_ROOTS = {name.partition(".")[0] for name in _STAND_INS}
+
+
+def _embedded_import(name: str, globals=None, locals=None, fromlist=(), level: int = 0):
+    """``__import__`` of embedded EDM code: torch_utils/dnnlib from the stand-ins, the rest as usual."""
+    if level == 0 and name.partition(".")[0] in _STAND_IN_ROOTS:
+        if name not in _STAND_INS:
+            raise ModuleNotFoundError(
+                f"embedded code imports {name!r}, which ld3's EDM loader does not provide "
+                f"(it provides {sorted(_STAND_INS)})", name=name)
+        return _STAND_INS[name] if fromlist else _STAND_INS[name.partition(".")[0]]
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    """Unpickler that resolves ``torch_utils.*`` / ``dnnlib.*`` globals to the stand-ins (scoped to one load)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.partition(".")[0] in _STAND_IN_ROOTS:
+            try:
+                return getattr(_STAND_INS[module], name)
+            except (KeyError, AttributeError):
+                raise pickle.UnpicklingError(
+                    f"the pickle references {module}.{name}, which ld3's EDM loader does not provide"
+                ) from None
+        return super().find_class(module, name)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def read_edm_pickle(file: BinaryIO) -> Any:
+    """Unpickle an EDM-format pickle from an open binary file (WARNING: runs code; TRUST_WARNING)."""
+    return _EDMUnpickler(file).load()
+
+
+def _is_edm_network(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and all(
+        hasattr(obj, attr) for attr in ("img_resolution", "img_channels", "label_dim")
+    )
+
+
+def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
+    """Load the network stored under ``key`` of an EDM release pickle, frozen, on the CPU.
+
+    WARNING: unpickling runs code stored in the file (TRUST_WARNING); load only trusted files.
+
+    Raises:
+        MissingWeightsError: the file does not exist.
+        ValueError / EmbeddedCodeError: the file is not an EDM network pickle.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"EDM network pickle {path.name!r} not found at {path.resolve()}; download it on a machine with "
+            f"internet access from {EDM_RELEASE_URL} (e.g. edm-cifar10-32x32-uncond-vp.pkl) and pass its local path"
+        )
+    with path.open("rb") as file:
+        try:
+            data = read_edm_pickle(file)
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise ValueError(
+                f"{path} is not an EDM network pickle ({error}); expected a network-snapshot-*.pkl / edm-*.pkl "
+                "from the EDM release (a pickled dict with key 'ema')"
+            ) from error
+    if not isinstance(data, dict) or key not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} holds {found}, not an EDM snapshot dict with key {key!r}; pass key= or an EDM release pickle")
+    net = data[key]
+    if not _is_edm_network(net):
+        raise EmbeddedCodeError(
+            f"{path}[{key!r}] is a {type(net).__name__}, not an EDM network (a torch.nn.Module with "
+            "img_resolution, img_channels and label_dim, called as net(x, sigma, class_labels))"
+        )
+    return freeze(net)
+
+
+def _bf16_output_to_float32(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    """Forward hook: EDM preconditioners assert that the inner model returns float32 (or fp16)."""
+    return output.float() if output.dtype == torch.bfloat16 else output
+
+
+class EDMDenoiser(DenoiserAdapter):
+    """An EDM network (``VPPrecond``/``VEPrecond``/``EDMPrecond``/``iDDPMPrecond``) as ``D(x, sigma, cond)``.
+
+    ``cond`` for class-conditional networks (``label_dim > 0``): integer class ids [B] (or a single id for
+    all samples), or float labels [B, label_dim] (one-hot or soft) passed through unchanged.
+    ``schedule`` is EDM's sampling range, sigma in [max(0.002, net.sigma_min), min(80, net.sigma_max)].
+    """
+
+    def __init__(self, net: nn.Module, *, sigma_min: float = 0.002, sigma_max: float = 80.0, **memory_options: bool):
+        if not _is_edm_network(net):
+            raise TypeError(f"net must be an EDM network (from load_edm_network), got {type(net).__name__}")
+        sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0.0)))
+        sigma_max = min(sigma_max, float(getattr(net, "sigma_max", float("inf"))))
+        shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+        super().__init__(EDMSchedule(sigma_min, sigma_max), shape, **memory_options)
+        self.net = freeze(net)
+        self.label_dim = int(net.label_dim)
+        self.condition_kind = "class" if self.label_dim > 0 else None
+        if self.autocast_bf16:
+            if not isinstance(getattr(net, "model", None), nn.Module):
+                raise ValueError("autocast_bf16 needs the EDM preconditioner's inner network at net.model")
+            net.model.register_forward_hook(_bf16_output_to_float32)
+
+    def _check_condition(self, cond: Tensor | None, x: Tensor) -> Tensor | None:
+        if self.label_dim == 0:
+            return super()._check_condition(cond, x)
+        if cond is None:
+            raise ValueError(f"this EDM network is class-conditional ({self.label_dim} classes): pass cond (class ids [B])")
+        cond = torch.as_tensor(cond, device=x.device)
+        if cond.is_floating_point():
+            if cond.ndim != 2 or cond.shape[1] != self.label_dim:
+                raise ValueError(f"float cond must be labels of shape [B, {self.label_dim}], got {tuple(cond.shape)}")
+            return expand_condition(cond, x.shape[0])
+        cond = expand_condition(cond.long().reshape(-1), x.shape[0])
+        if bool(((cond < 0) | (cond >= self.label_dim)).any()):
+            raise ValueError(f"class ids in cond must lie in [0, {self.label_dim}), got {cond.tolist()}")
+        return torch.nn.functional.one_hot(cond, self.label_dim).to(torch.float32)
+
+    def _denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        return self.net(x, sigma, class_labels=cond)
+
+
+def load_edm_denoiser(path: str | os.PathLike, *, key: str = "ema", **options: Any) -> EDMDenoiser:
+    """:func:`load_edm_network` + :class:`EDMDenoiser` (options: sigma_min, sigma_max, memory options).
+
+    WARNING: runs code stored in the pickle (TRUST_WARNING).
+    """
+    return EDMDenoiser(load_edm_network(path, key), **options)
