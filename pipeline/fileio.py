@@ -1,0 +1,40 @@
+"""Small filesystem helpers shared by the pipeline: writable-directory checks and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def ensure_writable_dir(path: str | os.PathLike, argument: str) -> Path:
+    """Create ``path`` if needed and prove it is writable by writing a probe file.
+
+    Raises ValueError naming ``argument`` (e.g. ``"--exports-dir"``) when the directory cannot be
+    created or written, so a study fails before any work rather than after it.
+    """
+    directory = Path(path).expanduser().resolve()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{argument}: directory {directory} is not writable ({reason}); pass a writable directory") from None
+    return directory
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace."""
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
