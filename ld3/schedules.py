@@ -72,7 +72,8 @@ class NoiseSchedule(ABC):
         lo, hi = self.sigma_min * (1 - rtol), self.sigma_max * (1 + rtol)
         s = torch.as_tensor(sigmas).detach()
         if not bool(torch.isfinite(s).all()):
-            raise ValueError(f"{name} contains NaN or inf values: {s.tolist() if s.numel() <= 16 else '(large tensor)'}")
+            shown = s.tolist() if s.numel() <= 16 else f"tensor of shape {tuple(s.shape)}"
+            raise ValueError(f"{name} contains NaN or inf values: {shown}")
         if bool(((s < lo) | (s > hi)).any()):
             raise ValueError(
                 f"{name} has values outside the {self.name} schedule's range "
