@@ -1,0 +1,97 @@
+"""Sampling with a given discretisation: ``ŷ = decode(Solver(σ_0 · z))`` (SPEC.md, "Objective and slack").
+
+The one place that turns latents into outputs; the trainer, the teacher, baseline evaluation and
+sample generation all go through :func:`solve_from_latents`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ld3.solvers import Denoiser, Solver, get_solver
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def solve_from_latents(
+    denoiser: Denoiser,
+    solver: str | Solver,
+    order: int,
+    sigmas: Tensor,
+    z: Tensor,
+    *,
+    sigmas_eval: Tensor | None = None,
+    cond: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Start at ``x_T = sigmas[0] · z`` and solve down to ``sigmas[-1]``; decode latent models' outputs.
+
+    Differentiable in ``z``, ``sigmas`` and ``sigmas_eval`` (the caller decides ``no_grad``); the grid is
+    cast to ``z``'s dtype and device.
+    """
+    solve = get_solver(solver) if isinstance(solver, str) else solver
+    sigmas = sigmas.to(device=z.device, dtype=z.dtype)
+    if sigmas_eval is not None:
+        sigmas_eval = sigmas_eval.to(device=z.device, dtype=z.dtype)
+    x = solve(denoiser, sigmas[0] * z, sigmas, sigmas_eval, order=order, cond=cond)
+    return x if decode is None else decode(x)
+
+
+def _rows(cond: Any, index: slice) -> Any:
+    """The conditions of a slice of samples (a tensor, or a list/tuple of prompts)."""
+    return None if cond is None else cond[index]
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    solver: str | Solver,
+    order: int,
+    sigmas: Tensor,
+    z: Tensor,
+    *,
+    sigmas_eval: Tensor | None = None,
+    cond: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 256,
+) -> Tensor:
+    """:func:`solve_from_latents` without gradients, ``batch_size`` latents at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    outputs = [
+        solve_from_latents(denoiser, solver, order, sigmas, z[i : i + batch_size], sigmas_eval=sigmas_eval,
+                           cond=_rows(cond, slice(i, i + batch_size)), decode=decode)
+        for i in range(0, z.shape[0], batch_size)
+    ]
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def schedule_loss(
+    denoiser: Denoiser,
+    solver: str | Solver,
+    order: int,
+    sigmas: Tensor,
+    z: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    sigmas_eval: Tensor | None = None,
+    cond: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Mean per-sample loss ``d(ŷ, y)`` of a schedule on teacher pairs (z, y): the validation metric."""
+    if z.shape[0] != y.shape[0]:
+        raise ValueError(f"z and y must hold the same number of samples, got {z.shape[0]} and {y.shape[0]}")
+    total = 0.0
+    for i in range(0, z.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        prediction = solve_from_latents(denoiser, solver, order, sigmas, z[rows], sigmas_eval=sigmas_eval,
+                                        cond=_rows(cond, rows), decode=decode)
+        total += float(loss_fn(prediction, y[rows]).sum())
+    return total / z.shape[0]

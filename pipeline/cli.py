@@ -1,0 +1,132 @@
+"""Command line shared by every study script: the common flags, overrides and one-line errors.
+
+A study script defines ``make_config(args) -> StudyConfig`` (its frozen defaults, the smoke-test variant)
+and calls ``main(make_config, description)``. Flags common to all studies:
+``--address --tracking-uri --cache-dir --exports-dir --storage-dir --num-samples --nfe --solvers
+--max-concurrent --gpus-per-trial --cpus-per-trial --no-resume --smoke-test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from pipeline.cache_store import CacheCorruptError
+from pipeline.study import SolverChoice, StudyConfig, StudyError, StudyOptions, StudyResult, format_table, run_study
+from pipeline.teacher_cache import TeacherGenerationError
+from pipeline.tracking import TrackingError
+
+ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
+# Errors that mean "fix your input or environment": reported in one line, exit code 2.
+USER_ERRORS = (ValueError, StudyError, TrackingError, TeacherGenerationError, CacheCorruptError,
+               FileNotFoundError, PermissionError, ConnectionError)
+
+
+def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
+    """``"unipc_bh1:3,ipndm:4"`` -> solver choices (order after a colon; the solver's default otherwise)."""
+    choices = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, order = item.partition(":")
+        if order and not order.isdigit():
+            raise ValueError(f"--solvers item {item!r}: the order after ':' must be an integer, e.g. unipc_bh1:3")
+        choices.append(SolverChoice(name, int(order) if order else _default_order(name)))
+    if not choices:
+        raise ValueError("--solvers is empty; give e.g. --solvers unipc_bh1:3,ipndm:4")
+    return tuple(choices)
+
+
+def _default_order(name: str) -> int:
+    from ld3.solvers import SOLVER_SPECS
+
+    if name not in SOLVER_SPECS:
+        raise ValueError(f"unknown solver {name!r} in --solvers; choose from {sorted(SOLVER_SPECS)}")
+    return SOLVER_SPECS[name].default_order
+
+
+def parse_nfes(text: str) -> tuple[int, ...]:
+    try:
+        nfes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--nfe must be comma-separated integers, e.g. 4,6,8, got {text!r}") from None
+    if not nfes or min(nfes) < 1:
+        raise ValueError(f"--nfe values must be integers >= 1, got {text!r}")
+    return nfes
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--smoke-test", action="store_true", help="tiny study for CI: few samples, trials and rounds")
+    p.add_argument("--address", default=None, help="Ray address ('auto' on a cluster); default: Ray in-process")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of an in-process Ray (default: all)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--cache-dir", default="ld3_cache", help="teacher cache: folder or pyarrow URI (s3://...)")
+    p.add_argument("--exports-dir", default="exports", help="where the best schedules are written as JSON")
+    p.add_argument("--storage-dir", default="ray_results", help="Tune experiment state (shared storage on a cluster)")
+    p.add_argument("--num-samples", type=int, default=None, help="Optuna trials per (solver, NFE)")
+    p.add_argument("--nfe", type=parse_nfes, default=None, help="comma-separated NFEs, e.g. 4,6,8")
+    p.add_argument("--solvers", type=parse_solvers, default=None, help="e.g. unipc_bh1:3,ipndm:4")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
+    p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (Tune progress with -vv)")
+    return p
+
+
+def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfig:
+    """The common flags that change the study (None means: keep the script's default)."""
+    overrides = {
+        "num_trials": args.num_samples,
+        "nfes": args.nfe,
+        "solvers": args.solvers,
+        "max_concurrent": args.max_concurrent,
+        "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def options_from_args(args: argparse.Namespace) -> StudyOptions:
+    return StudyOptions(address=args.address, num_cpus=args.num_cpus, tracking_uri=args.tracking_uri,
+                        cache_dir=args.cache_dir, exports_dir=args.exports_dir, storage_dir=args.storage_dir,
+                        resume=not args.no_resume, verbose=max(0, args.verbose - 1))
+
+
+def report(result: StudyResult) -> str:
+    """The closing text: the table, and where everything is."""
+    lines = [
+        f"Study {result.name!r} on {result.model_id}: learned (LD3) vs best baseline, validation loss on the",
+        "teacher's validation set (original latents); ratio < 1 means the learned schedule wins.",
+        "",
+        format_table(result),
+        "",
+        f"Exported schedules: {result.exports_dir}",
+        f"Teacher data:       {result.cache}",
+        f"MLflow:             {result.tracking_uri} (experiment {result.experiment_id}, parent run {result.parent_run_id})",
+        f"Open the UI with:   mlflow ui --backend-store-uri {result.tracking_uri}",
+    ]
+    return "\n".join(lines)
+
+
+def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2."""
+    parser = parser or build_parser(description)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        config = apply_overrides(make_config(args), args)
+        result = run_study(config, options_from_args(args))
+    except USER_ERRORS as err:
+        if args.verbose:
+            raise
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    print(report(result))
+    return 0
