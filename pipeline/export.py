@@ -1,0 +1,334 @@
+"""Exported schedules: one JSON file per (model, solver, order, NFE) for ld3 solvers and diffusers.
+
+A file holds (schema version 1):
+  ``schema_version``, ``model``, ``solver``, ``order``, ``nfe``, ``n_steps``, ``noise_schedule`` (the
+  ``NoiseSchedule.name`` whose native time ``timesteps`` are in), ``mode`` (``"lambda"``/``"time"`` for a
+  learned grid, the baseline's name for a fixed one), ``decoupled``;
+  ``sigmas`` (N+1, descending, σ_max … σ_min, EDM form), ``sigmas_eval`` (N+1 decoupled evaluation
+  points, or null), ``timesteps`` / ``timesteps_eval`` (the same points in the model's native time,
+  ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
+  config, code version, creation time in UTC).
+
+``load_schedule(path)`` validates a file and returns an ``ExportedSchedule``: ``.sigmas`` /
+``.sigmas_eval`` are float64 tensors for ``ld3.solvers``; ``diffusers_sigmas()`` and
+``diffusers_timesteps()`` give the lists diffusers schedulers accept (their conventions are in the
+method docstrings).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ld3.schedules import NoiseSchedule
+from pipeline.fileio import atomic_write_text, ensure_writable_dir
+from pipeline.tracking import code_version, jsonable
+
+if TYPE_CHECKING:
+    from pipeline.tracking import StudyTracker, TrialLogger
+
+SCHEMA_VERSION = 1
+DIFFUSERS_TIME_SCHEDULES = ("vp_discrete",)  # native time = diffusers' training-step index
+EXPORTS_ARTIFACT_DIR = "exports"
+
+_TOP_LEVEL_KEYS = (
+    "schema_version", "model", "solver", "order", "nfe", "n_steps", "noise_schedule", "mode", "decoupled",
+    "sigmas", "sigmas_eval", "timesteps", "timesteps_eval", "metrics", "provenance",
+)
+_PROVENANCE_KEYS = ("mlflow_run_id", "study", "teacher_cache_key", "config", "code_version", "created")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where an exported schedule comes from."""
+
+    teacher_cache_key: str
+    config: dict[str, Any]
+    mlflow_run_id: str | None = None
+    study: str | None = None
+    code_version: str = field(default_factory=code_version)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.teacher_cache_key, str) and self.teacher_cache_key,
+                 "provenance.teacher_cache_key", "must be a non-empty string")
+        _require(isinstance(self.config, dict), "provenance.config", "must be a JSON object (dict)")
+        for name in ("mlflow_run_id", "study"):
+            _require(getattr(self, name) is None or isinstance(getattr(self, name), str),
+                     f"provenance.{name}", "must be a string or null")
+        _require(isinstance(self.code_version, str), "provenance.code_version", "must be a string")
+        try:
+            datetime.fromisoformat(self.created)
+        except (TypeError, ValueError):
+            raise ValueError(f"provenance.created={self.created!r} must be an ISO-8601 timestamp") from None
+
+
+@dataclass(frozen=True, eq=False)
+class ExportedSchedule:
+    """A validated exported schedule; tensors are float64 on the CPU (move them with ``.to``)."""
+
+    model: str
+    solver: str
+    order: int
+    nfe: int
+    noise_schedule: str
+    mode: str
+    sigmas: Tensor
+    timesteps: Tensor
+    metrics: dict[str, float]
+    provenance: Provenance
+    sigmas_eval: Tensor | None = None
+    timesteps_eval: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "solver", "noise_schedule", "mode"):
+            _require(isinstance(getattr(self, name), str) and getattr(self, name), name, "must be a non-empty string")
+        for name in ("order", "nfe"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     f"must be an integer >= 1, got {value!r}")
+        _check_grid(self.sigmas, "sigmas", positive=True, strict=True)
+        n_points = self.sigmas.numel()
+        _check_grid(self.timesteps, "timesteps", strict=True, length=n_points)
+        _require((self.sigmas_eval is None) == (self.timesteps_eval is None), "timesteps_eval",
+                 "must be given exactly when sigmas_eval is")
+        if self.sigmas_eval is not None:
+            _check_grid(self.sigmas_eval, "sigmas_eval", positive=True, strict=False, length=n_points)
+            _check_grid(self.timesteps_eval, "timesteps_eval", strict=False, length=n_points)
+            same_ends = torch.allclose(self.sigmas_eval[[0, -1]], self.sigmas[[0, -1]], rtol=1e-6, atol=0.0)
+            _require(same_ends, "sigmas_eval", "must share its first and last values with sigmas (endpoints are masked)")
+        _require(isinstance(self.metrics, dict) and all(isinstance(k, str) for k in self.metrics), "metrics",
+                 "must map names to numbers")
+        for key, value in self.metrics.items():
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f"metrics[{key!r}]", f"must be a finite number, got {value!r}")
+        _require(isinstance(self.provenance, Provenance), "provenance", "must be a Provenance")
+
+    @property
+    def n_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    @property
+    def decoupled(self) -> bool:
+        return self.sigmas_eval is not None
+
+    @property
+    def file_name(self) -> str:
+        return export_file_name(self.model, self.solver, self.order, self.nfe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model, "solver": self.solver, "order": self.order, "nfe": self.nfe,
+            "n_steps": self.n_steps, "noise_schedule": self.noise_schedule, "mode": self.mode,
+            "decoupled": self.decoupled,
+            "sigmas": self.sigmas.tolist(),
+            "sigmas_eval": None if self.sigmas_eval is None else self.sigmas_eval.tolist(),
+            "timesteps": self.timesteps.tolist(),
+            "timesteps_eval": None if self.timesteps_eval is None else self.timesteps_eval.tolist(),
+            "metrics": dict(self.metrics),
+            "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_KEYS},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, document: Any) -> "ExportedSchedule":
+        """Validate a parsed export (schema version, keys, lengths, monotonicity) and build it."""
+        _require(isinstance(document, dict), "document", "must be a JSON object")
+        version = document.get("schema_version")
+        _require(version == SCHEMA_VERSION, "schema_version",
+                 f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
+        _check_keys(document, _TOP_LEVEL_KEYS, "")
+        _check_keys(document["provenance"], _PROVENANCE_KEYS, "provenance.")
+        exported = cls(
+            model=document["model"], solver=document["solver"], order=document["order"], nfe=document["nfe"],
+            noise_schedule=document["noise_schedule"], mode=document["mode"],
+            sigmas=_tensor(document["sigmas"], "sigmas"),
+            sigmas_eval=None if document["sigmas_eval"] is None else _tensor(document["sigmas_eval"], "sigmas_eval"),
+            timesteps=_tensor(document["timesteps"], "timesteps"),
+            timesteps_eval=None if document["timesteps_eval"] is None else _tensor(document["timesteps_eval"], "timesteps_eval"),
+            metrics=document["metrics"],
+            provenance=Provenance(**document["provenance"]),
+        )
+        _require(document["n_steps"] == exported.n_steps, "n_steps",
+                 f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
+        _require(document["decoupled"] == exported.decoupled, "decoupled",
+                 f"is {document['decoupled']!r} but sigmas_eval is {'set' if exported.decoupled else 'null'}")
+        return exported
+
+    # ---------------------------------------------------------------------------------------------
+    # diffusers
+
+    def diffusers_sigmas(self, *, final: str = "sigma_min", ignore_decoupled: bool = False) -> list[float]:
+        """The N+1 values for ``EulerDiscreteScheduler.set_timesteps(sigmas=...)``.
+
+        That argument is used as given: the model is evaluated at the first N values and the last one is
+        the final σ (diffusers appends nothing on this path; it maps σ to timesteps by log-σ
+        interpolation, exactly as ``VPDiscreteSchedule`` does). ``final="sigma_min"`` keeps σ_N, the
+        grid LD3 learned; ``final="zero"`` makes the last step land on σ = 0 instead. Only schedules
+        whose σ is diffusers' ``sqrt((1 - ᾱ) / ᾱ)`` (discrete VP) mean the same thing there.
+        """
+        self._check_diffusers(ignore_decoupled)
+        if final not in ("sigma_min", "zero"):
+            raise ValueError(f"final={final!r} must be 'sigma_min' (keep σ_N) or 'zero' (step to σ = 0)")
+        values = self.sigmas.tolist()
+        return values if final == "sigma_min" else values[:-1] + [0.0]
+
+    def diffusers_timesteps(self, *, integer: bool = True, ignore_decoupled: bool = False) -> list[int] | list[float]:
+        """The N timesteps for ``set_timesteps(timesteps=...)`` (EulerDiscrete, Heun, DPMSolverMultistep, …).
+
+        These are the native times of σ_0 … σ_{N-1}, where the model is evaluated; the scheduler appends
+        its own final σ from ``final_sigmas_type`` ("sigma_min" = σ at t = 0, which is this grid's σ_N;
+        "zero", the usual default, steps to σ = 0). Schedulers interpolate σ linearly between integer
+        timesteps, so only integer timesteps reproduce σ exactly; ``integer=True`` rounds to the nearest
+        step (DPMSolver* would otherwise truncate with ``astype(int64)``).
+        """
+        self._check_diffusers(ignore_decoupled)
+        if self.noise_schedule not in DIFFUSERS_TIME_SCHEDULES:
+            raise ValueError(
+                f"noise_schedule {self.noise_schedule!r} has no diffusers training-step timesteps "
+                f"(only {DIFFUSERS_TIME_SCHEDULES}); use diffusers_sigmas() or .sigmas instead"
+            )
+        times = self.timesteps[:-1]
+        if not integer:
+            return times.tolist()
+        rounded = torch.round(times).long()
+        if bool((rounded[1:] >= rounded[:-1]).any()):
+            raise ValueError(
+                f"two steps of this grid round to the same integer timestep ({rounded.tolist()}); "
+                "pass integer=False or use diffusers_sigmas() with EulerDiscreteScheduler"
+            )
+        return rounded.tolist()
+
+    def _check_diffusers(self, ignore_decoupled: bool) -> None:
+        if self.decoupled and not ignore_decoupled:
+            raise ValueError(
+                "this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and diffusers "
+                "schedulers evaluate at their step points; sample with an ld3 solver, or pass ignore_decoupled=True "
+                "to use the step grid alone (its quality then differs from the exported metrics)"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building, writing, loading
+
+
+def build_export(
+    *,
+    sigmas: Tensor,
+    noise_schedule: NoiseSchedule,
+    model: str,
+    solver: str,
+    order: int,
+    nfe: int,
+    mode: str,
+    metrics: dict[str, float],
+    config: Any,
+    teacher_cache_key: str,
+    sigmas_eval: Tensor | None = None,
+    mlflow_run_id: str | None = None,
+    study: str | None = None,
+) -> ExportedSchedule:
+    """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``), with native timesteps from
+    ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
+    sigmas = _tensor(sigmas, "sigmas")
+    noise_schedule.check_sigmas(sigmas, "sigmas")
+    evals = None if sigmas_eval is None else _tensor(sigmas_eval, "sigmas_eval")
+    if evals is not None:
+        noise_schedule.check_sigmas(evals, "sigmas_eval")
+    return ExportedSchedule(
+        model=model, solver=solver, order=int(order), nfe=int(nfe), noise_schedule=noise_schedule.name, mode=mode,
+        sigmas=sigmas, timesteps=noise_schedule.t_from_sigma(sigmas),
+        sigmas_eval=evals, timesteps_eval=None if evals is None else noise_schedule.t_from_sigma(evals),
+        metrics={str(k): float(v) for k, v in metrics.items()},
+        provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
+                              mlflow_run_id=mlflow_run_id, study=study),
+    )
+
+
+def export_file_name(model: str, solver: str, order: int, nfe: int) -> str:
+    """Stable file name of the export for one (model, solver, order, NFE), e.g. ``gmm__ipndm-o4__nfe6.json``."""
+    return f"{_slug(model)}__{_slug(solver)}-o{int(order)}__nfe{int(nfe)}.json"
+
+
+def save_export(
+    exported: ExportedSchedule,
+    exports_dir: str | os.PathLike,
+    *,
+    tracker: "StudyTracker | TrialLogger | None" = None,
+) -> Path:
+    """Write ``exported`` atomically to ``exports_dir/<file_name>`` (replacing an earlier export of the same
+    model/solver/order/NFE) and, with ``tracker``, log the file to its run under ``exports/``."""
+    directory = ensure_writable_dir(exports_dir, "exports_dir")
+    path = atomic_write_text(directory / exported.file_name, exported.to_json())
+    if tracker is not None:
+        tracker.log_artifact(path, EXPORTS_ARTIFACT_DIR)
+    return path
+
+
+def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
+    """Read and validate an exported schedule; errors name the file and the offending field."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"exported schedule {path} does not exist; pass a file written by save_export") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return ExportedSchedule.from_dict(document)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.")
+    if not slug:
+        raise ValueError(f"name {text!r} has no letters or digits to build a file name from")
+    return slug
+
+
+def _require(condition: bool, name: str, problem: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} {problem}")
+
+
+def _check_keys(document: Any, expected: tuple[str, ...], prefix: str) -> None:
+    _require(isinstance(document, dict), prefix.rstrip(".") or "document", "must be a JSON object")
+    missing = [k for k in expected if k not in document]
+    unknown = sorted(k for k in document if k not in expected)
+    _require(not missing, f"{prefix}{missing[0] if missing else ''}", "is missing")
+    _require(not unknown, f"{prefix}{unknown[0] if unknown else ''}",
+             f"is not a field of schema version {SCHEMA_VERSION} (fields: {', '.join(expected)})")
+
+
+def _tensor(values: Any, name: str) -> Tensor:
+    try:
+        tensor = torch.as_tensor(values.detach() if isinstance(values, Tensor) else values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a list of numbers") from None
+    return tensor.cpu().clone()
+
+
+def _check_grid(values: Tensor, name: str, *, strict: bool, positive: bool = False, length: int | None = None) -> None:
+    """1-D, finite, descending (strictly if ``strict``), optionally positive and of a given length."""
+    _require(isinstance(values, Tensor) and values.ndim == 1 and values.numel() >= 2, name,
+             "must be a 1-D list of at least 2 numbers (N+1 grid points)")
+    _require(length is None or values.numel() == length, name,
+             f"has {values.numel()} points but sigmas has {length}; all grids need N+1 points")
+    _require(bool(torch.isfinite(values).all()), name, "contains NaN or infinite values")
+    _require(not positive or bool((values > 0).all()), name, f"must be positive, min is {float(values.min()):.6g}")
+    steps = values[1:] - values[:-1]
+    descending = bool((steps < 0).all()) if strict else bool((steps <= 0).all())
+    _require(descending, name, f"must be {'strictly ' if strict else ''}descending (from sigma_max to sigma_min)")
