@@ -1,0 +1,140 @@
+"""Model specs: a small, picklable description of a denoiser that any Ray worker can rebuild.
+
+A :class:`ModelSpec` names a model *family* (a key of :data:`MODEL_BUILDERS`), a human-readable id,
+the JSON-serialisable keyword arguments of the family's builder and the digest of its weights. It is
+what the teacher cache hashes (the model never has to be built to look data up) and what Ray actors
+receive: each actor calls the builder once in its constructor (DESIGN.md, "Runtime story").
+
+A builder is ``builder(*, device, dtype, **kwargs) -> LoadedModel``. Families register themselves
+with :func:`register_model_builder`; the embedded Gaussian mixture is registered here as ``"gmm"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ld3.models.gmm import default_gmm
+from ld3.schedules import EDMSchedule, NoiseSchedule
+
+Denoiser = Callable[..., Tensor]
+ConditionValue = int | str
+
+
+def class_labels(values: Sequence[ConditionValue], device: torch.device | str) -> Tensor:
+    """Default condition encoder: integer class ids -> LongTensor [B] on ``device``."""
+    if any(isinstance(v, str) for v in values):
+        raise ValueError(
+            "conditions contain prompts (str), but this model encodes only integer class ids; "
+            "give the model's builder an encode_condition that embeds text"
+        )
+    return torch.as_tensor([int(v) for v in values], dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A built model, everything the teacher solve needs (runtime object, never hashed or stored)."""
+
+    denoiser: Denoiser  # D(x, sigma, cond) -> x0_hat, EDM form (SPEC.md, "Conventions")
+    schedule: NoiseSchedule  # gives sigma_min / sigma_max of the teacher grid
+    shape: tuple[int, ...]  # shape of one latent x, e.g. (C, H, W)
+    decode: Callable[[Tensor], Tensor] | None = None  # latent -> data for latent models, else None
+    encode_condition: Callable[[Sequence[ConditionValue], torch.device | str], Any] = class_labels
+
+
+ModelBuilder = Callable[..., LoadedModel]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model_builder(family: str, builder: ModelBuilder, *, replace: bool = False) -> None:
+    """Make ``ModelSpec(family=...)`` buildable by ``builder(*, device, dtype, **kwargs)``."""
+    if not family or not isinstance(family, str):
+        raise ValueError(f"family must be a non-empty string, got {family!r}")
+    if family in MODEL_BUILDERS and not replace and MODEL_BUILDERS[family] is not builder:
+        raise ValueError(f"model family {family!r} is already registered; pass replace=True to override it")
+    MODEL_BUILDERS[family] = builder
+
+
+def get_model_builder(family: str) -> ModelBuilder:
+    """The registered builder of ``family``."""
+    try:
+        return MODEL_BUILDERS[family]
+    except KeyError:
+        raise ValueError(
+            f"unknown model family {family!r}; registered: {sorted(MODEL_BUILDERS)} "
+            "(register one with pipeline.models.register_model_builder)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is, independent of where it runs; everything here enters the teacher cache key."""
+
+    family: str  # key of MODEL_BUILDERS, e.g. "gmm"
+    model_id: str  # human-readable id, e.g. "gmm-seed0" or "edm-cifar10-uncond-vp"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # JSON-serialisable builder arguments
+    checkpoint_digest: str | None = None  # sha256 of the weights file; None when there are no weights
+
+    def __post_init__(self) -> None:
+        if not self.family or not isinstance(self.family, str):
+            raise ValueError(f"ModelSpec.family must be a non-empty string, got {self.family!r}")
+        if not self.model_id or not isinstance(self.model_id, str):
+            raise ValueError(f"ModelSpec.model_id must be a non-empty string, got {self.model_id!r}")
+        try:
+            json.dumps(dict(self.kwargs), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"ModelSpec.kwargs must be JSON-serialisable (they are hashed into the cache key): {err}; "
+                "pass numbers, strings, lists or dicts and build tensors inside the builder"
+            ) from None
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-JSON description (cache key material and dataset metadata)."""
+        return {
+            "family": self.family,
+            "model_id": self.model_id,
+            "kwargs": json.loads(json.dumps(dict(self.kwargs), sort_keys=True)),
+            "checkpoint_digest": self.checkpoint_digest,
+        }
+
+    def resolve(self) -> Callable[..., LoadedModel]:
+        """The builder bound to this spec's kwargs: ``resolve()(device=, dtype=)``.
+
+        Resolved in the calling process, so families registered by a study script also reach Ray
+        workers (the bound builder is pickled along with the actor).
+        """
+        return functools.partial(get_model_builder(self.family), **self.kwargs)
+
+    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+        """Build the model in this process."""
+        return self.resolve()(device=torch.device(device), dtype=dtype)
+
+
+def build_gmm(
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    shape: Sequence[int] = (3, 8, 8),
+    n_components: int = 8,
+    n_classes: int = 4,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+) -> LoadedModel:
+    """The embedded exact Gaussian-mixture model on an EDM schedule (ld3.models.gmm.default_gmm)."""
+    gmm = default_gmm(seed=seed, shape=shape, n_components=n_components, n_classes=n_classes, dtype=dtype, device=device)
+    return LoadedModel(denoiser=gmm, schedule=EDMSchedule(sigma_min, sigma_max), shape=gmm.shape)
+
+
+def gmm_spec(seed: int = 0, **kwargs: Any) -> ModelSpec:
+    """Spec of the embedded default model; ``kwargs`` go to :func:`build_gmm`."""
+    return ModelSpec(family="gmm", model_id=f"gmm-seed{seed}", kwargs={"seed": seed, **kwargs})
+
+
+register_model_builder("gmm", build_gmm)
