@@ -162,6 +162,15 @@ WRITER_PACKAGES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread; on shared CI cores extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pickles(tmp_path_factory):
     """Release-format pickles written by a separate Python process with its own torch_utils/dnnlib."""

@@ -129,7 +129,9 @@ def _module_from_source(source: str) -> types.ModuleType:
             exec(compile(source, f"<EDM pickle: {module.__name__}>", "exec"), module.__dict__)  # noqa: S102 - see TRUST_WARNING
         except Exception as error:
             del _source_of_module[module.__name__]
-            raise EmbeddedCodeError(f"the pickle's embedded module source failed to run: {error!r}") from error
+            raise EmbeddedCodeError(
+                f"the pickle's embedded module source failed to run: {error!r}. Note: {TRUST_WARNING}"
+            ) from error
         _module_of_source[source] = module
     return module
 
@@ -221,7 +223,7 @@ def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
         except (pickle.UnpicklingError, EOFError) as error:
             raise ValueError(
                 f"{path} is not an EDM network pickle ({error}); expected a network-snapshot-*.pkl / edm-*.pkl "
-                "from the EDM release (a pickled dict with key 'ema')"
+                f"from the EDM release (a pickled dict with key 'ema'). Note: {TRUST_WARNING}"
             ) from error
     if not isinstance(data, dict) or key not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -230,7 +232,7 @@ def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
     if not _is_edm_network(net):
         raise EmbeddedCodeError(
             f"{path}[{key!r}] is a {type(net).__name__}, not an EDM network (a torch.nn.Module with "
-            "img_resolution, img_channels and label_dim, called as net(x, sigma, class_labels))"
+            f"img_resolution, img_channels and label_dim, called as net(x, sigma, class_labels)). Note: {TRUST_WARNING}"
         )
     return freeze(net)
 
