@@ -67,8 +67,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--exports-dir", default="exports", help="where the best schedules are written as JSON")
     p.add_argument("--storage-dir", default="ray_results", help="Tune experiment state (shared storage on a cluster)")
     p.add_argument("--num-samples", type=int, default=None, help="Optuna trials per (solver, NFE)")
-    p.add_argument("--nfe", type=parse_nfes, default=None, help="comma-separated NFEs, e.g. 4,6,8")
-    p.add_argument("--solvers", type=parse_solvers, default=None, help="e.g. unipc_bh1:3,ipndm:4")
+    p.add_argument("--nfe", default=None, help="comma-separated NFEs, e.g. 4,6,8")
+    p.add_argument("--solvers", default=None, help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
@@ -81,8 +81,8 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfi
     """The common flags that change the study (None means: keep the script's default)."""
     overrides = {
         "num_trials": args.num_samples,
-        "nfes": args.nfe,
-        "solvers": args.solvers,
+        "nfes": None if args.nfe is None else parse_nfes(args.nfe),
+        "solvers": None if args.solvers is None else parse_solvers(args.solvers),
         "max_concurrent": args.max_concurrent,
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,

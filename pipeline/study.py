@@ -22,7 +22,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -283,6 +283,7 @@ class CellContext:
     cache_root: str
     cache_key: str
     tracking: TrackingContext
+    build_model: Callable[..., LoadedModel]  # the model's builder, resolved in the driver (ModelSpec.resolve)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -314,7 +315,7 @@ def _load(ctx: CellContext) -> _Loaded:
     """Build the model and read the cached teacher data (verified) in this process."""
     device = _device(ctx.study.gpus_per_trial)
     dtype = ctx.study.teacher.torch_dtype
-    model = ctx.study.model.build(device, dtype)
+    model = ctx.build_model(device=device, dtype=dtype)
     entry = TeacherCache(ctx.cache_root).entry(ctx.cache_key)
     if entry is None:
         raise StudyError(f"teacher data {ctx.cache_key} vanished from {ctx.cache_root}; rerun the study to regenerate it")
@@ -433,6 +434,7 @@ class StudyResult:
     name: str
     model_id: str
     cells: tuple[CellResult, ...]
+    cache_hit: bool  # the teacher data came from the cache (no model was built to get it)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -490,7 +492,7 @@ def _mark_stopped_runs(tracker: StudyTracker) -> None:
 def _run_cell(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, entry: CacheEntry,
               solver: SolverChoice, nfe: int) -> CellResult:
     n_steps = solver_steps_for_nfe(solver.name, nfe)
-    ctx = CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context)
+    ctx = CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context, study.model.resolve())
     log.info("cell %s NFE %d (%d steps): baselines", solver.label, nfe, n_steps)
     baselines, schedule = _baselines_for_cell(ctx)
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
@@ -549,7 +551,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
         tracker.end(status)
         if started_ray:
             ray.shutdown()
-    return StudyResult(study.name, study.model.model_id, cells, tracker.tracking_uri, tracker.experiment_id,
+    return StudyResult(study.name, study.model.model_id, cells, entry.hit, tracker.tracking_uri, tracker.experiment_id,
                        tracker.run_id, entry.uri, os.path.abspath(options.exports_dir))
 
 

@@ -1,0 +1,162 @@
+"""The study end to end, for real: local Ray, SQLite MLflow, Parquet teacher cache, exported JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from ld3.losses import get_loss
+from ld3.models.gmm import default_gmm
+from ld3.sampling import schedule_loss
+from ld3.schedules import EDMSchedule
+from pipeline.cli import main
+from pipeline.export import load_schedule
+from pipeline.models import LoadedModel, ModelSpec, register_model_builder
+from pipeline.study import SearchSpace, SolverChoice, StudyConfig, StudyOptions, run_study
+from pipeline.teacher import TeacherConfig
+from pipeline.teacher_cache import TeacherCache
+from ld3.train import LD3Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+import gmm as gmm_study  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's model builder reaches Ray workers
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def smoke_config(**overrides) -> StudyConfig:
+    return replace(gmm_study.make_config(argparse.Namespace(smoke_test=True)), **overrides)
+
+
+def options(tmp_path: Path, **overrides) -> StudyOptions:
+    base = StudyOptions(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cache_dir=str(tmp_path / "cache"),
+                        exports_dir=str(tmp_path / "exports"), storage_dir=str(tmp_path / "tune"),
+                        work_dir=str(tmp_path))
+    return replace(base, **overrides)
+
+
+def test_smoke_study_tracks_exports_and_resumes(local_ray, tmp_path):
+    study, opts = smoke_config(), options(tmp_path)
+    result = run_study(study, opts)
+    assert not result.cache_hit
+    (cell,) = result.cells
+    assert cell.trials["finished"] >= 1 and cell.best is not None
+
+    client = MlflowClient(opts.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "study"
+    assert parent.data.params["num_trials"] == str(study.num_trials)
+    children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    kinds = sorted(run.data.tags["kind"] for run in children)
+    assert kinds.count("baseline") == 4 and kinds.count("trial") == study.num_trials
+    trial = next(r for r in children if r.data.tags["kind"] == "trial" and r.info.status == "FINISHED")
+    for key in ("model", "solver", "order", "nfe", "teacher_cache_key", "lr1", "slack_coef", "mode"):
+        assert key in trial.data.params, key
+    cache_entry = TeacherCache(opts.cache_dir).lookup(study.model, study.teacher)
+    assert trial.data.params["nfe"] == "4" and trial.data.params["teacher_cache_key"] == cache_entry.key
+    assert "final_val_loss" in trial.data.metrics and "fd_exact" in trial.data.metrics
+    assert len(client.get_metric_history(trial.info.run_id, "val_loss")) >= 2  # per-step metrics
+    artifacts = {a.path for a in client.list_artifacts(trial.info.run_id)}
+    assert {"schedule.json", "schedule.png"} <= artifacts
+
+    # The exported schedule reproduces the logged validation loss of its trial.
+    exported = load_schedule(cell.export_path)
+    assert exported.provenance.mlflow_run_id == cell.best["mlflow_run_id"]
+    logged = client.get_run(exported.provenance.mlflow_run_id).data.metrics["final_val_loss"]
+    data = cache_entry.load()
+    _, val = data.split(study.num_train, study.num_validation)
+    model = default_gmm(seed=0, dtype=torch.float32)
+    recomputed = schedule_loss(model, exported.solver, exported.order, exported.sigmas, val.z, val.y,
+                               get_loss("l2"), sigmas_eval=exported.sigmas_eval)
+    assert math.isclose(recomputed, logged, rel_tol=1e-5)
+    assert "exports" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+
+    # A rerun is a cache hit, resumes the same parent run and the finished Tune experiment.
+    again = run_study(study, opts)
+    assert again.cache_hit and again.parent_run_id == result.parent_run_id
+    assert again.cells[0].best["final_val_loss"] == pytest.approx(cell.best["final_val_loss"])
+    children_after = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sum(r.data.tags["kind"] == "trial" for r in children_after) == study.num_trials
+
+
+def _nan_model(*, device, dtype) -> LoadedModel:
+    """The GMM, but its denoiser returns NaN whenever gradients are being recorded (i.e. in training)."""
+    gmm = default_gmm(seed=0, dtype=dtype, device=device)
+
+    def denoiser(x, sigma, cond=None):
+        out = gmm(x, sigma, cond)
+        return out * float("nan") if torch.is_grad_enabled() and x.requires_grad else out
+
+    return LoadedModel(denoiser=denoiser, schedule=EDMSchedule(), shape=gmm.shape)
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray, tmp_path):
+    register_model_builder("nan-gmm-test", _nan_model, replace=True)
+    study = smoke_config(name="nan-study", model=ModelSpec("nan-gmm-test", "nan-gmm"), num_trials=2)
+    result = run_study(study, options(tmp_path))
+    (cell,) = result.cells
+    assert cell.trials["failed"] == 2 and cell.best is None and cell.export_path is None
+    client = MlflowClient(options(tmp_path).tracking_uri)
+    runs = client.search_runs([result.experiment_id], "tags.kind = 'trial'")
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all("NaN" in r.data.tags.get("failure", "") for r in runs)
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--solvers", "nosuch:2"], "unknown solver"),
+        (["--solvers", "unipc_bh1:9"], "order"),
+        (["--nfe", "0"], "--nfe"),
+        (["--nfe", "4,x"], "--nfe"),
+        (["--tracking-uri", "http://127.0.0.1:{port}"], "127.0.0.1"),
+        (["--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster"),
+        (["--cache-dir", "{blocker}/cache"], "--cache-dir"),
+        (["--exports-dir", "{blocker}/exports"], "--exports-dir"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+    blocker = tmp_path / "a-file"  # a folder below a regular file cannot be created, even by root
+    blocker.write_text("")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [a.format(port=_closed_port(), blocker=blocker) for a in argv]
+    defaults = ["--smoke-test", "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--cache-dir", str(work / "cache"),
+                "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "tune")]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(gmm_study.make_config, "test", defaults + argv))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+    assert not ray.is_initialized()
+    assert not (work / "cache").exists() or not any((work / "cache").iterdir())
+    assert not (work / "exports").exists() or not any((work / "exports").iterdir())
+
+
+def test_unknown_model_family_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model family"):
+        ModelSpec("nosuch", "x").build()
