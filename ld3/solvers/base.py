@@ -1,0 +1,143 @@
+"""Shared plumbing of the ODE solvers: input validation, grid preparation, the denoiser call.
+
+Every solver integrates the probability-flow ODE in EDM form (SPEC.md, "Conventions")
+
+    dx/dsigma = (x - D(x, sigma)) / sigma = eps(x, sigma)
+
+from ``sigmas[0]`` down to ``sigmas[-1]`` (no final jump to sigma = 0). Decoupled timesteps
+(SPEC.md, "Decoupled timesteps"): the step formulas use the step grid ``sigmas``; the denoiser call
+and any conversion of its output (D <-> eps) use the evaluation grid ``sigmas_eval``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class Denoiser(Protocol):
+    """``D(x, sigma, cond) -> x0_hat`` in EDM form, ``sigma`` of shape [B] in x's dtype."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor: ...
+
+
+class Solver(Protocol):
+    """``solver(denoiser, x, sigmas, sigmas_eval=None, *, order, cond=None) -> x at sigmas[-1]``."""
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        sigmas: Tensor,
+        sigmas_eval: Tensor | None = None,
+        *,
+        order: int = ...,
+        cond: Any = None,
+    ) -> Tensor: ...
+
+
+def check_order(solver: str, order: int, supported: Sequence[int]) -> None:
+    """Raise ValueError unless ``order`` is one of the solver's ``supported`` orders."""
+    if isinstance(order, bool) or not isinstance(order, int) or order not in supported:
+        raise ValueError(f"order={order!r} is not supported by {solver}; choose one of {tuple(supported)}")
+
+
+def _check_shapes(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
+    for name, value in (("x", x), ("sigmas", sigmas), ("sigmas_eval", sigmas_eval)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not x.is_floating_point() or x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(
+            f"x must be a floating-point tensor [B, ...] with B >= 1, got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(
+            f"sigmas must be a 1-D tensor of N+1 >= 2 noise levels (N solver steps), got shape {tuple(sigmas.shape)}"
+        )
+    if sigmas_eval.shape != sigmas.shape:
+        raise ValueError(
+            f"sigmas_eval must have the shape of sigmas {tuple(sigmas.shape)} (one evaluation point per grid point), "
+            f"got {tuple(sigmas_eval.shape)}"
+        )
+
+
+def _check_values(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
+    """Value checks with a single host synchronisation; details are computed only on failure."""
+    s, se = sigmas.detach(), sigmas_eval.detach()
+    flags = torch.stack(
+        [
+            torch.isfinite(x.detach()).all(),
+            torch.isfinite(s).all() & (s > 0).all(),
+            (s[1:] < s[:-1]).all(),
+            torch.isfinite(se).all() & (se > 0).all(),
+        ]
+    ).tolist()
+    x_ok, sigmas_ok, decreasing, eval_ok = flags
+    if not x_ok:
+        raise ValueError(f"x contains {int((~torch.isfinite(x.detach())).sum())} NaN/Inf values; check the latents")
+    if not sigmas_ok:
+        raise ValueError(f"sigmas must be finite and > 0, got {s.tolist()}")
+    if not decreasing:
+        bad = int(torch.nonzero(s[1:] >= s[:-1])[0]) + 1
+        raise ValueError(
+            f"sigmas must decrease strictly (sigma_max first, sigma_min last) in {x.dtype}; "
+            f"sigmas[{bad}]={float(s[bad]):.8g} >= sigmas[{bad - 1}]={float(s[bad - 1]):.8g}"
+        )
+    if not eval_ok:
+        raise ValueError(f"sigmas_eval must be finite and > 0, got {se.tolist()}")
+
+
+def prepare_grids(
+    solver: str,
+    x: Tensor,
+    sigmas: Tensor,
+    sigmas_eval: Tensor | None,
+    order: int,
+    supported_orders: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Validate a solver call; return ``(sigmas, sigmas_eval)`` in x's dtype and on x's device.
+
+    ``sigmas_eval=None`` means "evaluate on the step grid": the very same tensor is used for both,
+    so the result is bit-identical to passing ``sigmas_eval=sigmas``. Casting is differentiable.
+    The values are checked after the cast (a grid strictly decreasing in float64 may not be in float32).
+    """
+    check_order(solver, order, supported_orders)
+    if sigmas_eval is None:
+        sigmas_eval = sigmas
+    _check_shapes(x, sigmas, sigmas_eval)
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    sigmas_eval = sigmas_eval.to(device=x.device, dtype=x.dtype)
+    _check_values(x, sigmas, sigmas_eval)
+    return sigmas, sigmas_eval
+
+
+def denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+    """``D(x, sigma)`` for a 0-dim ``sigma``, handed to the denoiser as a [B] tensor."""
+    return denoiser(x, sigma.expand(x.shape[0]), cond)
+
+
+def noise_prediction(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+    """``eps = (x - D(x, sigma)) / sigma``, the ODE's right-hand side dx/dsigma."""
+    return (x - denoise(denoiser, x, sigma, cond)) / sigma
+
+
+def accumulate(base: Tensor, weights: Sequence[Tensor], values: Sequence[Tensor]) -> Tensor:
+    """``base + sum_k weights[k] * values[k]`` for 0-dim weights, one fused multiply-add per term."""
+    for weight, value in zip(weights, values, strict=True):
+        base = torch.addcmul(base, weight, value)
+    return base
+
+
+def step_orders(n_steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """Order of each step of a multistep method: warm start ``min(order, i + 1)``, and with
+    ``lower_order_final`` also ``min(order, N - i)`` so the last steps fall back to lower orders."""
+    return [min(order, i + 1, n_steps - i if lower_order_final else order) for i in range(n_steps)]
+
+
+def shifted(values: Tensor, k: int) -> Tensor:
+    """``values[i - k]`` for every i (``values[0]`` where ``i < k``): past entries, vectorised over steps."""
+    index = (torch.arange(values.numel(), device=values.device) - k).clamp_min(0)
+    return values[index]
