@@ -237,9 +237,9 @@ def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
     return freeze(net)
 
 
-def _bf16_output_to_float32(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-    """Forward hook: EDM preconditioners assert that the inner model returns float32 (or fp16)."""
-    return output.float() if output.dtype == torch.bfloat16 else output
+def _autocast_output_to_input_dtype(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Forward hook: EDM preconditioners assert that the inner model returns its input dtype (fp32/fp16)."""
+    return output.to(inputs[0].dtype) if output.dtype == torch.bfloat16 else output
 
 
 class EDMDenoiser(DenoiserAdapter):
@@ -263,7 +263,7 @@ class EDMDenoiser(DenoiserAdapter):
         if self.autocast_bf16:
             if not isinstance(getattr(net, "model", None), nn.Module):
                 raise ValueError("autocast_bf16 needs the EDM preconditioner's inner network at net.model")
-            net.model.register_forward_hook(_bf16_output_to_float32)
+            net.model.register_forward_hook(_autocast_output_to_input_dtype)
 
     def _check_condition(self, cond: Tensor | None, x: Tensor) -> Tensor | None:
         if self.label_dim == 0:
