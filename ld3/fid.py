@@ -57,7 +57,6 @@ STATE_DICT_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid
 TORCHSCRIPT_FILE = "inception-2015-12-05.pt"
 TORCHSCRIPT_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{TORCHSCRIPT_FILE}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_FEW_SAMPLES_HINT = "published FIDs use 50,000 samples"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +323,7 @@ def _warn_if_few_samples(n: int, dim: int) -> None:
     if n < dim:
         warnings.warn(
             f"FID from {n} samples of {dim}-d features is unreliable: the covariance is rank-deficient and the "
-            f"FID is biased upwards; {_FEW_SAMPLES_HINT}",
+            "FID is biased upwards; published FIDs use 50,000 samples",
             stacklevel=3,
         )
 
@@ -352,14 +351,17 @@ class FeatureStatsAccumulator:
             raise ValueError(f"features must have shape [N, {self.dim}], got {tuple(features.shape)}")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("features contain NaN or Inf")
-        x = features.detach().to(torch.float64)
-        if self._sum is None:
-            self._sum = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
-            self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
-        x = x.to(self._sum.device)
+        x = features.detach().to(device=self._buffers_on(features.device), dtype=torch.float64)
         self._sum += x.sum(0)
         self._outer += x.T @ x
         self.count += x.shape[0]
+
+    def _buffers_on(self, device: torch.device) -> torch.device:
+        """Create the zero buffers on ``device`` if there are none yet; return the buffers' device."""
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
+            self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        return self._sum.device
 
     def add_images(self, images: Tensor, extractor: nn.Module) -> None:
         """Extract features of ``images`` [N, C, H, W] (no grad) and add them; all images must share one size."""
@@ -397,9 +399,7 @@ class FeatureStatsAccumulator:
             total.image_size = total.image_size or part.image_size
             if part._sum is None:
                 continue
-            if total._sum is None:
-                total._sum = torch.zeros(total.dim, dtype=torch.float64)
-                total._outer = torch.zeros(total.dim, total.dim, dtype=torch.float64)
+            total._buffers_on(torch.device("cpu"))
             total._sum += part._sum.cpu()
             total._outer += part._outer.cpu()
             total.count += part.count
