@@ -258,7 +258,7 @@ class FeatureStats:
         return self.mu.numel()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an EDM-compatible ``.npz`` (``mu``, ``sigma``, plus ``n`` and ``image_size`` when known), atomically."""
+        """Write an EDM-compatible ``.npz`` (``mu``, ``sigma``; ``n``, ``image_size`` when known), atomically."""
         arrays = {"mu": self.mu.cpu().numpy(), "sigma": self.sigma.cpu().numpy()}
         if self.n is not None:
             arrays["n"] = np.asarray(self.n)
