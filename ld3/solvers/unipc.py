@@ -16,6 +16,7 @@ stored D values; every operation keeps the graph (no ``torch.tensor(list_of_tens
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,30 +25,15 @@ from torch import Tensor
 from .base import Denoiser, accumulate, denoise, prepare_grids, shifted, step_orders
 
 UNIPC_ORDERS = (1, 2, 3)
-UNIPC_VARIANTS = ("bh1", "bh2")
 
 
-def _times_linear(coeffs: list[Tensor | float], root: Tensor) -> list[Tensor | float]:
-    """Coefficients (lowest degree first) of ``poly(t) * (t - root)``."""
-    return [high - root * low for high, low in zip([0.0, *coeffs], [*coeffs, 0.0])]
+def solve_vandermonde(nodes: Tensor, rhs: Tensor) -> Tensor:
+    """Solve ``sum_k rho_k nodes_k^j = rhs_j`` (j = 0..p-1) for every step: nodes, rhs [N, p] -> rho [N, p].
 
-
-def solve_vandermonde(nodes: list[Tensor], rhs: list[Tensor]) -> list[Tensor]:
-    """Solve ``sum_k rho_k nodes_k^j = rhs_j`` (j = 0..p-1) elementwise over steps, via Lagrange polynomials.
-
-    ``rho_k`` is ``sum_j c_kj rhs_j`` with ``c_kj`` the t^j coefficient of the Lagrange basis polynomial of
-    node k: closed form, differentiable, no batched LAPACK call and no host synchronisation.
+    One batched, differentiable solve without error check (no host synchronisation).
     """
-    solution = []
-    for k, node in enumerate(nodes):
-        others = nodes[:k] + nodes[k + 1 :]
-        coeffs: list[Tensor | float] = [1.0]
-        denominator: Tensor | float = 1.0
-        for other in others:
-            coeffs = _times_linear(coeffs, other)
-            denominator = denominator * (node - other)
-        solution.append(sum(c * b for c, b in zip(coeffs, rhs)) / denominator)
-    return solution
+    vandermonde = torch.stack([nodes**j for j in range(nodes.shape[1])], dim=1)  # [N, j, k] = nodes_k^j
+    return torch.linalg.solve_ex(vandermonde, rhs)[0]
 
 
 def _past_ratios(lam: Tensor, h: Tensor, k: int) -> Tensor:
@@ -57,42 +43,50 @@ def _past_ratios(lam: Tensor, h: Tensor, k: int) -> Tensor:
     return torch.where(has_history, r, torch.full_like(r, -float(k)))
 
 
-def unipc_weights(sigmas: Tensor, order: int, variant: str) -> tuple[Tensor, Tensor]:
-    """Predictor and corrector weights of order-``order`` UniPC steps, for every step i.
+def _history_weights(phi1: Tensor, b_h: Tensor, rho: Tensor, ratios: Tensor, new_weight: Tensor) -> Tensor:
+    """[N, 1 + K] weights of (D_i, D_{i-1}, ..., D_{i-K}) in ``phi1 D_i - B(h) sum_k rho_k (D_{i-k} - D_i) / r_k``
+    when the term ``new_weight * (D_new - D_i)`` is added too."""
+    past = -b_h[:, None] * rho / ratios
+    return torch.cat([(phi1 - past.sum(dim=1) - new_weight)[:, None], past], dim=1)
 
-    Returns ``(predictor [N, order], corrector [N, order + 1])``: weights of (D_i, D_{i-1}, ...) and, for
-    the corrector, a last column for the new evaluation D~_{i+1}. Rows of steps without enough history
-    hold unused finite values.
+
+def unipc_weights(sigmas: Tensor, orders: Iterable[int], variant: str) -> dict[int, tuple[Tensor, Tensor]]:
+    """Predictor and corrector weights of UniPC steps of each order in ``orders``, for every step i.
+
+    Returns ``{p: (predictor [N, p], corrector [N, p + 1])}``: weights of (D_i, D_{i-1}, ...) and, for the
+    corrector, a last column for the new evaluation D~_{i+1}. Rows of steps without enough history hold
+    unused finite values.
     """
     lam = -torch.log(sigmas)
     h = lam[1:] - lam[:-1]
     phi1 = (sigmas[:-1] - sigmas[1:]) / sigmas[:-1]  # 1 - e^{-h}
     hh = -h
     b_h = hh if variant == "bh1" else -phi1  # B(h): -h (bh1) or e^{-h} - 1 (bh2)
+    max_order = max(orders)
     # Right-hand sides b_j = j! phi_{j+1}(hh) hh / B(h), with g_j = phi_j(hh) - 1/j! by the phi recursion.
-    g = -phi1 / hh - 1
-    rhs = []
-    for j in range(1, order + 1):
+    g, rhs = -phi1 / hh - 1, []
+    for j in range(1, max_order + 1):
         rhs.append(g * math.factorial(j) / b_h)
         g = g / hh - 1 / math.factorial(j + 1)
-    ratios = [_past_ratios(lam, h, k) for k in range(1, order)]
-    half = torch.full_like(h, 0.5)
-    if order == 1:
-        rho_p, rho_c = [], [half]
-    elif order == 2:
-        rho_p, rho_c = [half], solve_vandermonde([*ratios, torch.ones_like(h)], rhs)
-    else:
-        rho_p = solve_vandermonde(ratios, rhs[:-1])
-        rho_c = solve_vandermonde([*ratios, torch.ones_like(h)], rhs)
-
-    def weights_on_history(rho: list[Tensor], extra: Tensor) -> list[Tensor]:
-        past = [-b_h * rho_k / r_k for rho_k, r_k in zip(rho, ratios)]
-        return [phi1 - sum(past, torch.zeros_like(h)) - extra, *past]
-
-    predictor = torch.stack(weights_on_history(rho_p, torch.zeros_like(h)), dim=1)
-    corrector_new = -b_h * rho_c[-1]
-    corrector = torch.stack([*weights_on_history(rho_c[:-1], corrector_new), corrector_new], dim=1)
-    return predictor, corrector
+    rhs = torch.stack(rhs, dim=1)
+    ones = torch.ones_like(h)[:, None]
+    ratios = torch.stack([_past_ratios(lam, h, k) for k in range(1, max_order)] + [ones[:, 0]], dim=1)
+    weights = {}
+    for p in orders:
+        past_ratios = ratios[:, : p - 1]
+        if p == 1:  # the simplified choices of the reference implementation for orders 1 and 2
+            rho_p, rho_c = past_ratios, 0.5 * ones  # rho_p: [N, 0], no past terms
+        elif p == 2:
+            rho_p, rho_c = 0.5 * ones, solve_vandermonde(torch.cat([past_ratios, ones], dim=1), rhs[:, :p])
+        else:
+            rho_p = solve_vandermonde(past_ratios, rhs[:, : p - 1])
+            rho_c = solve_vandermonde(torch.cat([past_ratios, ones], dim=1), rhs[:, :p])
+        predictor = _history_weights(phi1, b_h, rho_p, past_ratios, torch.zeros_like(h))
+        new_weight = -b_h * rho_c[:, -1]
+        corrector_history = _history_weights(phi1, b_h, rho_c[:, :-1], past_ratios, new_weight)
+        corrector = torch.cat([corrector_history, new_weight[:, None]], dim=1)
+        weights[p] = (predictor, corrector)
+    return weights
 
 
 def _unipc(
@@ -107,7 +101,7 @@ def _unipc(
     sigmas, sigmas_eval = prepare_grids(f"unipc_{variant}", x, sigmas, sigmas_eval, order, UNIPC_ORDERS)
     n_steps = sigmas.numel() - 1
     orders = step_orders(n_steps, order, lower_order_final=True)
-    weights = {p: unipc_weights(sigmas, p, variant) for p in sorted(set(orders))}
+    weights = unipc_weights(sigmas, set(orders), variant)
     decays = (sigmas[1:] / sigmas[:-1]).unbind()
     evals = sigmas_eval.unbind()
     history = [denoise(denoiser, x, evals[0], cond)]  # D_i, D_{i-1}, ... newest first
