@@ -142,11 +142,15 @@ def publish_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict[st
 
 
 @contextlib.contextmanager
-def exclusive(filesystem: pafs.FileSystem, lock_path: str, timeout: float | None = None) -> Iterator[None]:
-    """Hold the writer lock of one dataset: an OS file lock on local filesystems, nothing elsewhere (module doc)."""
+def exclusive(filesystem: pafs.FileSystem, lock_path: str, timeout: float | None = None) -> Iterator[bool]:
+    """Hold the writer lock of one dataset: an OS file lock on local filesystems, nothing elsewhere (module doc).
+
+    Yields whether the lock is real, i.e. whether no other writer can be active, so that leftovers of
+    crashed writers may be deleted.
+    """
     if not isinstance(filesystem, pafs.LocalFileSystem):
-        yield
+        yield False
         return
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with filelock.FileLock(lock_path, timeout=-1 if timeout is None else timeout):
-        yield
+        yield True

@@ -421,8 +421,8 @@ class TeacherCache:
         entry = self.entry(key)
         if entry is None:
             self.filesystem.create_dir(self.base, recursive=True)
-            with exclusive(self.filesystem, f"{self.base}/{key}.lock", self.lock_timeout):
-                entry = self.entry(key) or self._generate(key, spec, config)
+            with exclusive(self.filesystem, f"{self.base}/{key}.lock", self.lock_timeout) as sole_writer:
+                entry = self.entry(key) or self._generate(key, spec, config, clear_leftovers=sole_writer)
         log.info(
             "teacher cache %s: %d samples of %s (%s, NFE %d) at %s",
             "hit" if entry.hit else "miss, generated",
@@ -434,10 +434,17 @@ class TeacherCache:
         )
         return entry
 
-    def _generate(self, key: str, spec: ModelSpec, config: TeacherConfig) -> CacheEntry:
+    def _generate(self, key: str, spec: ModelSpec, config: TeacherConfig, clear_leftovers: bool) -> CacheEntry:
+        """Write the parts into a fresh attempt folder, then publish the manifest (see the module doc).
+
+        ``clear_leftovers``: no other writer can be active, so attempt folders of writers that died
+        (killed processes) are deleted first.
+        """
         attempt = f"attempt-{uuid.uuid4().hex[:12]}"
         parts_folder = f"{self._folder(key)}/{attempt}"
         log.info("teacher cache miss: generating %d samples of %s into %s", config.num_samples, spec.model_id, self._uri(key))
+        if clear_leftovers:
+            delete_quietly(self.filesystem, self._folder(key))
         self.filesystem.create_dir(parts_folder, recursive=True)
         start = time.perf_counter()
         try:

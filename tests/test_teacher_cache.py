@@ -18,6 +18,7 @@ from pipeline.teacher import TeacherConfig, solve_teacher
 from pipeline.teacher_cache import (
     CacheCorruptError,
     TeacherCache,
+    TeacherDataset,
     TeacherGenerationError,
     cache_key,
     load_teacher,
@@ -128,8 +129,6 @@ def test_model_spec_kwargs_must_be_json():
 
 
 def test_split_is_by_sample_id(reference):
-    from pipeline.teacher_cache import TeacherDataset
-
     data = TeacherDataset(
         sample_id=torch.arange(N), seed=torch.arange(N) + 100, z=reference.z, y=reference.y, trajectory=None,
         trajectory_sigmas=None, condition=torch.arange(N) % 4, metadata={},
@@ -222,9 +221,14 @@ def test_failed_generation_publishes_nothing_and_the_next_request_regenerates(lo
     assert "injected actor failure" in str(failure.value.__cause__)
     assert cache.lookup(spec, config) is None
     assert not list(tmp_path.rglob("manifest.json"))
+    # A writer killed outright cannot clean up: plant what it would leave behind.
+    leftover = tmp_path / cache_key(spec, config) / "attempt-killed" / "part-000000000.parquet"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"PAR1 half a file")
     register_model_builder("test_flaky", build_gmm, replace=True)  # the fault is over; same spec, same key
     entry = cache.get_or_generate(spec, config)
-    assert not entry.hit
+    assert not entry.hit and not leftover.exists()
+    assert len(list(Path(entry.folder).glob("attempt-*"))) == 1
     assert_matches_reference(entry.load(), reference)
 
 
