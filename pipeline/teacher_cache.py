@@ -119,20 +119,24 @@ def _condition_array(conditions: Sequence[ConditionValue]) -> pa.Array:
     return pa.array(conditions, type=pa.string() if isinstance(conditions[0], str) else pa.int64())
 
 
-def teacher_table(
-    sample_ids: Sequence[int], seeds: Sequence[int], conditions: Sequence[ConditionValue] | None, batch: TeacherBatch
-) -> pa.Table:
-    """One Parquet part: sample_id, seed, z, y, [trajectory], [condition]."""
-    columns: dict[str, pa.Array] = {
-        "sample_id": pa.array(sample_ids, type=pa.int64()),
-        "seed": pa.array(seeds, type=pa.int64()),
-        "z": _tensor_array(batch.z),
-        "y": _tensor_array(batch.y),
-    }
-    if batch.trajectory is not None:
-        columns["trajectory"] = _tensor_array(batch.trajectory)
+def _sample_columns(
+    sample_ids: Sequence[int], seeds: Sequence[int], conditions: Sequence[ConditionValue] | None
+) -> dict[str, pa.Array]:
+    """The per-sample identity columns: sample_id, seed and, when conditional, condition."""
+    columns = {"sample_id": pa.array(sample_ids, type=pa.int64()), "seed": pa.array(seeds, type=pa.int64())}
     if conditions is not None:
         columns["condition"] = _condition_array(conditions)
+    return columns
+
+
+def _teacher_table(
+    sample_ids: Sequence[int], seeds: Sequence[int], conditions: Sequence[ConditionValue] | None, batch: TeacherBatch
+) -> pa.Table:
+    """One Parquet part: sample_id, seed, [condition], z, y, [trajectory]."""
+    columns = _sample_columns(sample_ids, seeds, conditions)
+    columns |= {"z": _tensor_array(batch.z), "y": _tensor_array(batch.y)}
+    if batch.trajectory is not None:
+        columns["trajectory"] = _tensor_array(batch.trajectory)
     return pa.table(columns)
 
 
@@ -163,7 +167,7 @@ class _TeacherWorker:
         seeds = requests.column("seed").to_pylist()
         conditions = requests.column("condition").to_pylist() if "condition" in requests.column_names else None
         batch = solve_teacher(self.model, self.config, seeds, conditions, self.device)
-        table = teacher_table(sample_ids, seeds, conditions, batch)
+        table = _teacher_table(sample_ids, seeds, conditions, batch)
         record = write_parquet_part(self.filesystem, self.folder, f"part-{min(sample_ids):09d}.parquet", table)
         record.update(
             first_sample_id=min(sample_ids),
@@ -180,21 +184,20 @@ def _request_blocks(config: TeacherConfig) -> list[pa.Table]:
     blocks = []
     for start in range(0, config.num_samples, config.batch_size):
         stop = min(start + config.batch_size, config.num_samples)
-        columns: dict[str, Any] = {"sample_id": pa.array(range(start, stop), pa.int64()), "seed": pa.array(seeds[start:stop], pa.int64())}
-        if conditions is not None:
-            columns["condition"] = _condition_array(conditions[start:stop])
-        blocks.append(pa.table(columns))
+        batch_conditions = None if conditions is None else conditions[start:stop]
+        blocks.append(pa.table(_sample_columns(range(start, stop), seeds[start:stop], batch_conditions)))
     return blocks
 
 
 def _generate_parts(spec: ModelSpec, config: TeacherConfig, filesystem: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
     """Run the actor pool over all requests (Ray Data shows its own progress); return the part records."""
-    dataset = ray.data.from_arrow(_request_blocks(config)).map_batches(
+    blocks = _request_blocks(config)
+    dataset = ray.data.from_arrow(blocks).map_batches(
         _TeacherWorker,
         fn_constructor_kwargs={"build": spec.resolve(), "config": config, "filesystem": filesystem, "folder": folder},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        compute=ray.data.ActorPoolStrategy(size=min(config.concurrency, len(blocks))),  # no idle model copies
         num_cpus=config.num_cpus_per_actor,
         num_gpus=config.num_gpus_per_actor,
     )
@@ -202,7 +205,7 @@ def _generate_parts(spec: ModelSpec, config: TeacherConfig, filesystem: pafs.Fil
 
 
 def _check_parts(parts: list[dict[str, Any]], config: TeacherConfig) -> None:
-    """The parts must cover every sample once and agree on column layout and trajectory sigmas."""
+    """The parts must hold all requested rows and agree on column layout and trajectory sigmas."""
     rows = sum(part["num_rows"] for part in parts)
     if rows != config.num_samples:
         raise TeacherGenerationError(f"the actors returned {rows} rows for {config.num_samples} requested samples")
@@ -213,8 +216,9 @@ def _check_parts(parts: list[dict[str, Any]], config: TeacherConfig) -> None:
 
 
 def _library_versions() -> dict[str, str]:
+    """Versions of everything that produced the data; ``ld3_source_sha256`` pins the exact ld3 code."""
     source = Path(ld3.__file__).parent
-    digest = sha256_hex(b"".join(p.relative_to(source).as_posix().encode() + p.read_bytes() for p in sorted(source.rglob("*.py"))))
+    files = {p.relative_to(source).as_posix(): sha256_hex(p.read_bytes()) for p in sorted(source.rglob("*.py"))}
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -222,7 +226,7 @@ def _library_versions() -> dict[str, str]:
         "pyarrow": pa.__version__,
         "ray": ray.__version__,
         "ld3": _ld3_version(),
-        "ld3_source_sha256": digest,
+        "ld3_source_sha256": sha256_hex(canonical_json(files)),
     }
 
 
