@@ -237,6 +237,20 @@ def test_documented_study_flags_are_known_to_the_study_cli(config, tmp_path):
         build_parser("docs").parse_args(script_args)  # raises SystemExit on an unknown flag
 
 
+def test_documented_studies_exist_and_their_checkpoints_are_on_every_node(config):
+    import runpy
+
+    from ld3.models.edm import EDM_RELEASE_URL
+
+    setup = " ".join(config["setup_commands"])
+    for script, _ in documented_submissions():
+        assert (REPO / script).is_file(), f"docs submit {script}, which is not in the repository"
+        default = Path(runpy.run_path(str(REPO / script))["SCRIPT"].default_checkpoint)
+        # `ray submit` runs the script from the home folder, where the setup puts the file on every node
+        assert f"mkdir -p ~/{default.parent} && cd ~/{default.parent}" in setup
+        assert f"{EDM_RELEASE_URL}{default.name} &&" in setup and f"mv {default.name}.part {default.name}" in setup
+
+
 def test_documented_paths_exist_on_the_head(config):
     from pipeline.cli import build_parser
 
