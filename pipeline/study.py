@@ -21,9 +21,8 @@ import logging
 import math
 import os
 import socket
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
-from ld3.train import Callback, LD3Config, LD3Result, StepMetrics, TeacherData, TrainingDiverged, train_ld3
+from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.export import build_export, save_export
 from pipeline.fileio import ensure_writable_dir
@@ -405,7 +404,7 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx, loaded.model.schedule))
     run.set_tags({"stop_reason": result.stop_reason})
     run.end("FINISHED")
-    tune.report({OBJECTIVE: metrics["final_val_loss"], "done": True, **metrics, "step": result.steps,
+    tune.report({OBJECTIVE: metrics["final_val_loss"], **metrics, "step": result.steps,
                  "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist(),
                  "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
 
@@ -446,9 +445,10 @@ def _resources(study: StudyConfig) -> dict[str, float]:
     return {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial}
 
 
-def _baselines_for_cell(ctx: CellContext) -> tuple[dict[str, dict[str, Any]], NoiseSchedule]:
+def _submit_baselines(ctx: CellContext) -> ray.ObjectRef:
+    """Evaluate a cell's baselines in a Ray task (with a trial's resources); returns its future."""
     task = ray.remote(evaluate_baselines).options(num_cpus=ctx.study.cpus_per_trial, num_gpus=ctx.study.gpus_per_trial)
-    return ray.get(task.remote(ctx, sorted(BASELINES)))
+    return task.remote(ctx, sorted(BASELINES))
 
 
 def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
@@ -468,14 +468,16 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=study.num_trials, max_concurrent_trials=study.max_concurrent),
+                                    num_samples=study.num_trials, max_concurrent_trials=study.max_concurrent,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
 
 def _summarise_trials(results: tune.ResultGrid) -> tuple[dict[str, Any] | None, dict[str, int]]:
-    finished = [r.metrics for r in results if r.error is None and r.metrics and r.metrics.get("done")]
+    # Only a trial that ran to its end reports final_val_loss (Tune also marks ASHA-stopped trials "done").
+    finished = [r.metrics for r in results if r.error is None and r.metrics and "final_val_loss" in r.metrics]
     failed = sum(1 for r in results if r.error is not None)
     counts = {"finished": len(finished), "stopped": len(results) - len(finished) - failed, "failed": failed}
     best = min(finished, key=lambda m: m["final_val_loss"]) if finished else None
@@ -489,21 +491,24 @@ def _mark_stopped_runs(tracker: StudyTracker) -> None:
         tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def _run_cell(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, entry: CacheEntry,
-              solver: SolverChoice, nfe: int) -> CellResult:
+def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, entry: CacheEntry,
+                  solver: SolverChoice, nfe: int) -> CellContext:
     n_steps = solver_steps_for_nfe(solver.name, nfe)
-    ctx = CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context, study.model.resolve())
-    log.info("cell %s NFE %d (%d steps): baselines", solver.label, nfe, n_steps)
-    baselines, schedule = _baselines_for_cell(ctx)
+    return CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context, study.model.resolve())
+
+
+def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef) -> CellResult:
+    study, solver, nfe = ctx.study, ctx.solver, ctx.nfe
+    baselines, schedule = ray.get(baselines_ref)
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
-    log.info("cell %s NFE %d: %d trials, %d at a time, Tune state in %s", solver.label, nfe, study.num_trials,
-             study.max_concurrent, path)
+    log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
+             study.num_trials, study.max_concurrent, path)
     results = _tuner(ctx, path, options).fit()
     _mark_stopped_runs(tracker)
     best, counts = _summarise_trials(results)
     export_path = None
     if best is not None:
-        export_path = str(_export_best(study, options, tracker, entry.key, schedule, solver, nfe, best, baselines))
+        export_path = str(_export_best(study, options, tracker, ctx.cache_key, schedule, solver, nfe, best, baselines))
     return CellResult(solver, nfe, baselines, best, counts, export_path)
 
 
@@ -540,8 +545,11 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     try:
         entry = TeacherCache(options.cache_dir).get_or_generate(study.model, study.teacher)
         tracker.set_tags({"teacher_cache_key": entry.key, "teacher_cache_uri": entry.uri})
-        cells = tuple(_run_cell(study, options, tracker, entry, solver, nfe)
-                      for solver in study.solvers for nfe in study.nfes)
+        contexts = [_cell_context(study, options, tracker, entry, solver, nfe)
+                    for solver in study.solvers for nfe in study.nfes]
+        # Baselines of every cell are queued at once; each cell waits only for its own before its search.
+        baseline_refs = [_submit_baselines(ctx) for ctx in contexts]
+        cells = tuple(_run_cell(ctx, options, tracker, ref) for ctx, ref in zip(contexts, baseline_refs))
         _log_summary(tracker, cells)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +18,10 @@ from ld3.losses import get_loss
 from ld3.models.gmm import default_gmm
 from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
-from pipeline.cli import main
 from pipeline.export import load_schedule
 from pipeline.models import LoadedModel, ModelSpec, register_model_builder
-from pipeline.study import SearchSpace, SolverChoice, StudyConfig, StudyOptions, run_study
-from pipeline.teacher import TeacherConfig
+from pipeline.study import StudyConfig, StudyOptions, run_study
 from pipeline.teacher_cache import TeacherCache
-from ld3.train import LD3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402
@@ -118,43 +113,6 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("NaN" in r.data.tags.get("failure", "") for r in runs)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--solvers", "nosuch:2"], "unknown solver"),
-        (["--solvers", "unipc_bh1:9"], "order"),
-        (["--nfe", "0"], "--nfe"),
-        (["--nfe", "4,x"], "--nfe"),
-        (["--tracking-uri", "http://127.0.0.1:{port}"], "127.0.0.1"),
-        (["--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster"),
-        (["--cache-dir", "{blocker}/cache"], "--cache-dir"),
-        (["--exports-dir", "{blocker}/exports"], "--exports-dir"),
-    ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
-    blocker = tmp_path / "a-file"  # a folder below a regular file cannot be created, even by root
-    blocker.write_text("")
-    work = tmp_path / "work"
-    work.mkdir()
-    argv = [a.format(port=_closed_port(), blocker=blocker) for a in argv]
-    defaults = ["--smoke-test", "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--cache-dir", str(work / "cache"),
-                "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "tune")]
-    with pytest.raises(SystemExit) as exit_info:
-        sys.exit(main(gmm_study.make_config, "test", defaults + argv))
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and message in err, err
-    assert not ray.is_initialized()
-    assert not (work / "cache").exists() or not any((work / "cache").iterdir())
-    assert not (work / "exports").exists() or not any((work / "exports").iterdir())
 
 
 def test_unknown_model_family_is_a_clear_error():

@@ -1,0 +1,52 @@
+"""Study command line: bad input gives a one-line error, a non-zero exit code, and writes nothing."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+import gmm as gmm_study  # noqa: E402
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--solvers", "nosuch:2"], "unknown solver"),
+        (["--solvers", "unipc_bh1:9"], "order"),
+        (["--nfe", "0"], "--nfe"),
+        (["--nfe", "4,x"], "--nfe"),
+        (["--tracking-uri", "http://127.0.0.1:{port}"], "127.0.0.1"),
+        (["--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster"),
+        (["--cache-dir", "{blocker}/cache"], "--cache-dir"),
+        (["--exports-dir", "{blocker}/exports"], "--exports-dir"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+    blocker = tmp_path / "a-file"  # a folder below a regular file cannot be created, even by root
+    blocker.write_text("")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [a.format(port=_closed_port(), blocker=blocker) for a in argv]
+    defaults = ["--smoke-test", "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--cache-dir", str(work / "cache"),
+                "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "tune")]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(gmm_study.make_config, "test", defaults + argv))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+    assert not ray.is_initialized()
+    assert not (work / "cache").exists() or not any((work / "cache").iterdir())
+    assert not (work / "exports").exists() or not any((work / "exports").iterdir())
