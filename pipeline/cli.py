@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -59,13 +60,16 @@ def parse_nfes(text: str) -> tuple[int, ...]:
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke-test", action="store_true", help="tiny study for CI: few samples, trials and rounds")
-    p.add_argument("--address", default=None, help="Ray address ('auto' on a cluster); default: Ray in-process")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray address ('auto' joins the cluster of this node); default: $RAY_ADDRESS, else Ray in-process")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of an in-process Ray (default: all)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    p.add_argument("--cache-dir", default="ld3_cache", help="teacher cache: folder or pyarrow URI (s3://...)")
+    p.add_argument("--cache-dir", default=os.environ.get("LD3_CACHE_DIR", "ld3_cache"),
+                   help="teacher cache: folder or pyarrow URI (s3://...); default: $LD3_CACHE_DIR, else ./ld3_cache")
     p.add_argument("--exports-dir", default="exports", help="where the best schedules are written as JSON")
-    p.add_argument("--storage-dir", default="ray_results", help="Tune experiment state (shared storage on a cluster)")
+    p.add_argument("--storage-dir", default=os.environ.get("LD3_STORAGE_DIR", "ray_results"),
+                   help="Tune experiment state, shared storage on a cluster; default: $LD3_STORAGE_DIR, else ./ray_results")
     p.add_argument("--num-samples", type=int, default=None, help="Optuna trials per (solver, NFE)")
     p.add_argument("--nfe", default=None, help="comma-separated NFEs, e.g. 4,6,8")
     p.add_argument("--solvers", default=None, help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4")
