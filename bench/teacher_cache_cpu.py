@@ -12,7 +12,7 @@ of ``--batch-size``, and times
 * a cache hit: lookup plus ``load()`` with every checksum verified.
 
 Ratios are wall time (or marginal time per sample) over the in-process solve; the ideal for k actors
-is 1/k. Each time is the minimum of ``--repeats`` runs. Prints a Markdown table; ``--out`` also writes JSON. Example:
+is 1/k. Each time is the minimum of ``--repeats`` interleaved runs. Prints a Markdown table; ``--out`` also writes JSON. Example:
 
     python bench/teacher_cache_cpu.py --out bench/teacher_cache_cpu.json
 """
@@ -75,16 +75,25 @@ def cache_hit_seconds(spec: ModelSpec, config: TeacherConfig, root: str) -> floa
 def timings(spec: ModelSpec, config: TeacherConfig, max_actors: int, repeats: int, scratch: str) -> list[dict]:
     """Table rows: in-process, Ray cold cache per actor count (one batch and all samples), cache hit.
 
-    Every time is the minimum over ``repeats`` runs (the machine may be shared; the minimum is the
-    least disturbed run). Each cold run writes into its own empty folder.
+    The measurements are interleaved round by round and each time is the minimum over ``repeats``
+    rounds, so a shared machine's load disturbs all modes alike and the least disturbed run counts.
+    Each cold run writes into its own empty folder.
     """
     n, batch = config.num_samples, config.batch_size
-    base = min(in_process_seconds(spec, config) for _ in range(repeats))
+    runs: dict[str, list[float]] = {}
+    for r in range(repeats):
+        runs.setdefault("in-process", []).append(in_process_seconds(spec, config))
+        for actors in range(1, max_actors + 1):
+            one_batch = replace(config, num_samples=batch, concurrency=actors)
+            runs.setdefault(f"fixed-{actors}", []).append(cold_generation_seconds(spec, one_batch, f"{scratch}/one-batch-{actors}-{r}"))
+            everything = replace(config, concurrency=actors)
+            runs.setdefault(f"total-{actors}", []).append(cold_generation_seconds(spec, everything, f"{scratch}/all-{actors}-{r}"))
+        runs.setdefault("hit", []).append(cache_hit_seconds(spec, config, f"{scratch}/all-{max_actors}-0"))
+    best = {name: min(values) for name, values in runs.items()}
+    base = best["in-process"]
     rows = [{"mode": "in-process solve", "workers": "1 thread", "seconds": base, "fixed_seconds": 0.0, "marginal_samples_per_s": n / base}]
     for actors in range(1, max_actors + 1):
-        one_batch = replace(config, num_samples=batch, concurrency=actors)
-        fixed = min(cold_generation_seconds(spec, one_batch, f"{scratch}/one-batch-{actors}-{r}") for r in range(repeats))
-        total = min(cold_generation_seconds(spec, replace(config, concurrency=actors), f"{scratch}/all-{actors}-{r}") for r in range(repeats))
+        fixed, total = best[f"fixed-{actors}"], best[f"total-{actors}"]
         rows.append({
             "mode": "Ray cold cache: generate + write",
             "workers": f"{actors} actor{'s' * (actors > 1)}",
@@ -92,8 +101,7 @@ def timings(spec: ModelSpec, config: TeacherConfig, max_actors: int, repeats: in
             "fixed_seconds": fixed,
             "marginal_samples_per_s": (n - batch) / max(total - fixed, 1e-9),
         })  # fmt: skip
-    hit = min(cache_hit_seconds(spec, config, f"{scratch}/all-{max_actors}-0") for _ in range(repeats))
-    rows.append({"mode": "Ray cache hit: load + verify", "workers": "driver", "seconds": hit, "fixed_seconds": None, "marginal_samples_per_s": None})
+    rows.append({"mode": "Ray cache hit: load + verify", "workers": "driver", "seconds": best["hit"], "fixed_seconds": None, "marginal_samples_per_s": None})
     for row in rows:
         row["time_ratio"] = row["seconds"] / base
         rate = row["marginal_samples_per_s"]
