@@ -1,0 +1,599 @@
+"""The LD3 trainer: learn (σ, σ_eval) for one denoiser × solver × order × NFE (SPEC.md, "Algorithm").
+
+``train_ld3`` distils a high-NFE teacher into a few-step discretisation. Given teacher pairs (z, y), the
+student runs ``ŷ = decode(solver(D, σ_max·z', σ, σ_eval))`` from a slack latent ``z'`` in the ball
+``‖z' − z‖₂ ≤ r`` and minimises a per-sample distance d(ŷ, y). Per round:
+
+1. every training batch: solve with ``z'`` as a leaf, backpropagate the mean loss, clip, step ξ
+   (RMSprop; phase 2 also ξᶜ, SGD), step ``z'`` by SGD and project it onto its ball, keep the new
+   ``z'`` only where the per-sample loss went down (accept-if-better), then run a validation check;
+2. one pass over the validation set updates only the validation latents the same way (no ξ step).
+
+Phase 1 (``rounds_v1`` rounds) trains ξ alone, phase 2 (``rounds_v2``) ξ and ξᶜ. A validation check
+evaluates the current schedule on the (slack) validation latents, keeps the best (ξ, ξᶜ), and after
+``patience`` non-improving checks reloads the best; the first time this happens the checks switch
+from the first validation batch to the whole validation set (no decay), every later time the
+learning rates decay (×``lr_decay``, with floors). Training stops when lr2 has sat at its floor
+``lr2_floor_hits`` times, after the last round, or when a callback raises ``StopTraining``.
+
+Deviations from the reference code, each deliberate: the accept-if-better test compares both
+latents under the same (pre-step) schedule; best-state reloads restore (ξ, ξᶜ) but not latents
+(latents only ever improve); the reference's per-file checkpoints, plots and pickles are callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ld3.discretizations import BASELINES, LearnableDiscretization
+from ld3.losses import LOSS_NAMES, LossFn, get_loss
+from ld3.schedules import NoiseSchedule
+from ld3.solvers import get_solver, solver_steps_for_nfe
+from ld3.solvers import nfe as solver_nfe
+
+Denoiser = Callable[..., Tensor]
+Solver = Callable[..., Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LD3Config:
+    """Every knob of the LD3 trainer, with the reference defaults (pixel-space models).
+
+    For latent models the reference uses ``lr2 = 0.001 / N``, ``rounds_v2 = 3`` and
+    ``train_batch_size = 1``: see ``LD3Config.for_latent_model``. Derived values (``lr2``,
+    ``shift_lr``, ``slack_radius`` when None) come from ``derive(n_steps, latent_shape)``.
+    """
+
+    rounds_v1: int = 2  # phase-1 rounds: only ξ trained
+    rounds_v2: int = 5  # phase-2 rounds: ξ and ξᶜ (reference: 3 for latent models)
+    train_batch_size: int = 2  # reference: 2 pixel, 1 latent
+    val_batch_size: int = 150  # batch of validation solves; early checks use only the first batch
+    lr1: float = 0.005  # RMSprop on ξ
+    momentum1: float = 0.9  # RMSprop momentum
+    lr2: float | None = None  # SGD on ξᶜ; None -> 0.1 / N (latent models: 0.001 / N)
+    grad_clip: float = 1.0  # max gradient norm, each of ξ and ξᶜ
+    shift_lr: float | None = None  # SGD on slack latents; None -> 12 / N
+    shift_lr_decay: float = 0.5  # factor after a round that moved no validation latent
+    slack_radius: float | None = None  # r; None -> slack_coef * C*H*W / N^2
+    slack_coef: float = 0.001  # used only when slack_radius is None
+    patience: int = 5  # non-improving validation checks before reloading the best state
+    lr_decay: float = 0.8  # learning-rate factor at each reload (after the first)
+    lr1_floor: float = 5e-5
+    lr2_floor: float = 1e-6
+    lr2_floor_hits: int = 5  # stop once lr2 has been at its floor this many times
+    mode: str = "lambda"  # "lambda" (half log-SNR) or "time" (native time) parametrisation
+    decoupled: bool = True  # learn a separate set of denoiser evaluation points σ_eval
+    win_rate: float = 0.5  # window of σ_eval around σ, fraction of the smallest gap
+    init_prior: str | tuple[float, ...] | None = None  # baseline name or σ grid to fit ξ to first
+    loss: str = "l2"  # "l2" | "l1" | "lpips" (ld3.losses), unless train_ld3 gets loss_fn=
+    grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
+    compile: bool = False  # torch.compile the denoiser
+    seed: int = 0  # order of training batches
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("rounds_v1", self.rounds_v1 >= 0, "an integer >= 0"),
+            ("rounds_v2", self.rounds_v2 >= 0 and self.rounds_v1 + self.rounds_v2 >= 1, ">= 0, with rounds_v1 + rounds_v2 >= 1"),
+            ("train_batch_size", self.train_batch_size >= 1, "an integer >= 1"),
+            ("val_batch_size", self.val_batch_size >= 1, "an integer >= 1"),
+            ("lr1", self.lr1 > 0, "> 0"),
+            ("momentum1", 0 <= self.momentum1 < 1, "in [0, 1)"),
+            ("lr2", self.lr2 is None or self.lr2 > 0, "> 0 or None (0.1 / N)"),
+            ("grad_clip", self.grad_clip > 0, "> 0"),
+            ("shift_lr", self.shift_lr is None or self.shift_lr >= 0, ">= 0 or None (12 / N)"),
+            ("shift_lr_decay", 0 < self.shift_lr_decay <= 1, "in (0, 1]"),
+            ("slack_radius", self.slack_radius is None or self.slack_radius >= 0, ">= 0 (0 disables the slack) or None"),
+            ("slack_coef", self.slack_coef >= 0, ">= 0"),
+            ("patience", self.patience >= 1, "an integer >= 1"),
+            ("lr_decay", 0 < self.lr_decay < 1, "in (0, 1)"),
+            ("lr1_floor", 0 < self.lr1_floor <= self.lr1, "in (0, lr1]"),
+            ("lr2_floor", self.lr2_floor > 0, "> 0"),
+            ("lr2_floor_hits", self.lr2_floor_hits >= 1, "an integer >= 1"),
+            ("mode", self.mode in ("lambda", "time"), "'lambda' or 'time'"),
+            ("win_rate", 0 <= self.win_rate <= 0.5, "in [0, 0.5] (evaluation points must not cross)"),
+            ("loss", self.loss in LOSS_NAMES, f"one of {list(LOSS_NAMES)}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"LD3Config.{name} must be {expected}, got {getattr(self, name)!r}")
+        prior = self.init_prior
+        if isinstance(prior, str) and prior not in BASELINES:
+            raise ValueError(f"LD3Config.init_prior must be one of {sorted(BASELINES)} or a σ grid, got {prior!r}")
+        if prior is not None and not isinstance(prior, (str, tuple)):
+            raise ValueError(f"LD3Config.init_prior must be a baseline name or a tuple of σ values, got {type(prior).__name__}")
+
+    @classmethod
+    def for_latent_model(cls, n_steps: int, **overrides) -> "LD3Config":
+        """The reference recipe for latent/SD models: lr2 = 0.001 / N, 3 phase-2 rounds, batch 1."""
+        return cls(**{"lr2": 0.001 / n_steps, "rounds_v2": 3, "train_batch_size": 1, **overrides})
+
+    def derive(self, n_steps: int, latent_shape: Sequence[int]) -> "DerivedHyperparameters":
+        """Values the config leaves to N and the latent size (SPEC.md, "Objective and slack")."""
+        size = math.prod(latent_shape)
+        radius = self.slack_coef * size / n_steps**2 if self.slack_radius is None else self.slack_radius
+        return DerivedHyperparameters(
+            lr2=0.1 / n_steps if self.lr2 is None else self.lr2,
+            shift_lr=12.0 / n_steps if self.shift_lr is None else self.shift_lr,
+            slack_radius=float(radius),
+        )
+
+
+@dataclass(frozen=True)
+class DerivedHyperparameters:
+    """Learning rates and slack radius resolved for one N and latent shape."""
+
+    lr2: float
+    shift_lr: float
+    slack_radius: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, events, results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherData:
+    """Teacher pairs: latents ``z`` [M, C, H, W] (x_T = σ_max z), targets ``y`` [M, ...], optional ``cond`` [M, ...]."""
+
+    z: Tensor
+    y: Tensor
+    cond: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.z.shape[0]
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one training step reports to callbacks (losses are batch/sample means of the per-sample loss)."""
+
+    phase: int  # 1: ξ only, 2: ξ and ξᶜ
+    round: int
+    step: int  # training steps so far, 1-based
+    train_loss: float  # this batch, before the step
+    val_loss: float  # the validation check after the step
+    best_val_loss: float
+    lr1: float
+    lr2: float
+    shift_lr: float
+    accepted_fraction: float  # share of this batch's latents whose slack step was kept
+    max_slack_distance: float  # max ‖z' − z‖₂ over all train and validation latents (≤ slack radius)
+    val_on_all: bool  # whether checks use the whole validation set (else its first batch)
+    sigmas: Tensor  # the schedule after the step, float64 CPU
+    sigmas_eval: Tensor
+
+
+@dataclass(frozen=True)
+class BestSchedule:
+    """A new best schedule found by a validation check."""
+
+    step: int
+    val_loss: float
+    sigmas: Tensor  # float64 CPU
+    sigmas_eval: Tensor
+
+
+class Callback:
+    """Receives training events; override either method. A plain function is used as ``on_step``.
+
+    Raise ``StopTraining`` from either method to end training early with the best schedule so far.
+    """
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        """After every training step and its validation check."""
+
+    def on_best(self, best: BestSchedule) -> None:
+        """After a validation check that improved on the best loss."""
+
+
+class StopTraining(Exception):
+    """Raised (e.g. by a callback or an early-stopping scheduler) to end training cleanly."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; carries the last finite best schedule (None if there was none)."""
+
+    def __init__(self, message: str, step: int, best: BestSchedule | None):
+        super().__init__(message)
+        self.step = step
+        self.best = best
+
+
+@dataclass(frozen=True)
+class LD3Result:
+    """The learned discretisation and how training went."""
+
+    sigmas: Tensor  # best σ grid, descending, float64 CPU, length N + 1
+    sigmas_eval: Tensor  # best denoiser evaluation points (== sigmas when not decoupled)
+    best_val_loss: float  # best validation-check loss (slack validation latents)
+    final_val_loss: float  # mean loss of the best schedule on the ORIGINAL validation latents
+    n_steps: int
+    nfe: int | None  # denoiser calls per sample (None for a solver given as a function)
+    steps: int  # training steps run
+    max_slack_distance: float  # max ‖z' − z‖₂ over all latents at the end (≤ slack radius)
+    stop_reason: str  # "completed", "lr2_floor" or "stopped: <message>"
+    wall_time_s: float
+    hyperparameters: DerivedHyperparameters
+    history: tuple[StepMetrics, ...] = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def project_to_ball(z_new: Tensor, center: Tensor, radius: float) -> Tensor:
+    """Per-sample Euclidean projection of ``z_new`` onto ``{z: ‖z − center‖₂ ≤ radius}`` (SPEC.md, step 3)."""
+    delta = z_new - center
+    norm = delta.flatten(1).norm(dim=1)
+    scale = torch.where(norm > radius, radius / norm, torch.ones_like(norm))
+    return center + delta * scale.reshape(-1, *([1] * (delta.ndim - 1)))
+
+
+def _check_teacher(data: TeacherData, name: str) -> None:
+    z, y, cond = data.z, data.y, data.cond
+    if not isinstance(z, Tensor) or z.ndim != 4:
+        raise ValueError(f"{name}.z must be a latent tensor [M, C, H, W], got {getattr(z, 'shape', type(z).__name__)}")
+    if z.shape[0] < 1:
+        raise ValueError(f"{name} holds no samples; give at least one teacher pair")
+    if not isinstance(y, Tensor) or y.ndim < 2 or y.shape[0] != z.shape[0]:
+        raise ValueError(f"{name}.y must hold one target per latent ({z.shape[0]}), got shape {getattr(y, 'shape', None)}")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[:1] != z.shape[:1]):
+        raise ValueError(f"{name}.cond must be a tensor with one row per latent ({z.shape[0]}), got {getattr(cond, 'shape', cond)}")
+    for part, value in (("z", z), ("y", y)):
+        if not value.is_floating_point():
+            raise ValueError(f"{name}.{part} must be a floating-point tensor, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}.{part} contains NaN or Inf; regenerate the teacher data")
+
+
+def _check_inputs(train: TeacherData, val: TeacherData) -> None:
+    _check_teacher(train, "train")
+    _check_teacher(val, "val")
+    if train.z.shape[1:] != val.z.shape[1:] or train.y.shape[1:] != val.y.shape[1:]:
+        raise ValueError(
+            f"train and val samples differ in shape: z {tuple(train.z.shape[1:])} vs {tuple(val.z.shape[1:])}, "
+            f"y {tuple(train.y.shape[1:])} vs {tuple(val.y.shape[1:])}; use teacher data of one model"
+        )
+    if (train.cond is None) != (val.cond is None):
+        raise ValueError("give cond for both train and val, or for neither")
+
+
+def _resolve_steps(solver: str | Solver, order: int, n_steps: int | None, nfe_budget: int | None) -> tuple[int, int | None]:
+    """(N, NFE) from exactly one of n_steps / nfe."""
+    if (n_steps is None) == (nfe_budget is None):
+        raise ValueError("give exactly one of n_steps= (grid steps) or nfe= (denoiser calls)")
+    if nfe_budget is not None:
+        if nfe_budget < 1:
+            raise ValueError(f"nfe must be >= 1, got {nfe_budget}")
+        if not isinstance(solver, str):
+            raise ValueError("nfe= needs the solver by name (ld3.solvers.SOLVERS); pass n_steps= for a solver function")
+        n_steps = solver_steps_for_nfe(solver, nfe_budget)
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    return n_steps, solver_nfe(solver, n_steps, order) if isinstance(solver, str) else None
+
+
+def _prepare_denoiser(denoiser: Denoiser, config: LD3Config) -> Denoiser:
+    """Optionally compile the denoiser and checkpoint each call (activations of one call at a time)."""
+    fn = torch.compile(denoiser) if config.compile else denoiser
+    if not config.grad_checkpointing:
+        return fn
+
+    def checkpointed(x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        if not torch.is_grad_enabled():
+            return fn(x, sigma, cond)
+        return checkpoint(fn, x, sigma, cond, use_reentrant=False)
+
+    return checkpointed
+
+
+def _as_callbacks(callbacks: Iterable[Callback | Callable[[StepMetrics], None]]) -> list[Callback]:
+    out = []
+    for cb in callbacks:
+        if isinstance(cb, Callback):
+            out.append(cb)
+        elif callable(cb):
+            out.append(_FunctionCallback(cb))
+        else:
+            raise ValueError(f"callbacks must be Callback objects or functions of StepMetrics, got {type(cb).__name__}")
+    return out
+
+
+class _FunctionCallback(Callback):
+    def __init__(self, fn: Callable[[StepMetrics], None]):
+        self.fn = fn
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        self.fn(metrics)
+
+
+def _cpu64(t: Tensor) -> Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    """State of one LD3 training run; ``train_ld3`` is the public entry point."""
+
+    def __init__(self, denoiser, solver, order, schedule, train, val, config, derived, decode, loss_fn, callbacks, n_steps):
+        self.denoiser, self.solver, self.order = denoiser, solver, order
+        self.train, self.val, self.config, self.hp = train, val, config, derived
+        self.decode, self.loss_fn, self.callbacks = decode, loss_fn, callbacks
+        self.sigma_max = float(schedule.sigma_max)
+        device, dtype = train.z.device, train.z.dtype
+        self.disc = LearnableDiscretization(n_steps, schedule, mode=config.mode, decoupled=config.decoupled,
+                                            win_rate=config.win_rate, device=device,
+                                            dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        self._init_from_prior(schedule, n_steps)
+        self.opt1 = torch.optim.RMSprop([self.disc.xi], lr=config.lr1, momentum=config.momentum1)
+        self.opt2 = torch.optim.SGD([self.disc.xi_c], lr=derived.lr2)
+        self.z_train = train.z.clone()  # slack latents z' (the originals stay in train.z / val.z)
+        self.z_val = val.z.clone()
+        self.shift_lr = derived.shift_lr
+        self.phase = self.round = self.step = 0
+        self.val_on_all = False
+        self.count_worse = self.lr2_floor_hits = 0
+        self.best_state: dict[str, Tensor] = {}
+        self.best: BestSchedule | None = None
+        self.history: list[StepMetrics] = []
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # ---- student -----------------------------------------------------------------------------
+    def _init_from_prior(self, schedule: NoiseSchedule, n_steps: int) -> None:
+        prior = self.config.init_prior
+        if prior is None:
+            return
+        grid = BASELINES[prior](n_steps, schedule) if isinstance(prior, str) else torch.tensor(prior, dtype=torch.float64)
+        if grid.shape != (n_steps + 1,):
+            raise ValueError(f"LD3Config.init_prior must have N + 1 = {n_steps + 1} values, got {tuple(grid.shape)}")
+        self.disc.fit_to(grid.to(self.train.z.device))
+
+    def _losses(self, z: Tensor, y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
+        """Per-sample loss d(decode(solver(D, σ_max z, σ, σ_eval)), y) -> [B]."""
+        dtype = z.dtype
+        x = self.solver(self.denoiser, self.sigma_max * z, sigmas.to(dtype), sigmas_eval.to(dtype),
+                        order=self.order, cond=cond)
+        if self.decode is not None:
+            x = self.decode(x)
+        losses = self.loss_fn(x, y)
+        if losses.shape != (z.shape[0],):
+            raise ValueError(f"loss_fn must return one loss per sample, shape ({z.shape[0]},), got {tuple(losses.shape)}")
+        return losses
+
+    def _require_finite(self, value: Tensor | float, what: str) -> None:
+        if not math.isfinite(float(torch.as_tensor(value).detach().sum())):
+            raise TrainingDiverged(
+                f"{what} became NaN/Inf at phase {self.phase}, round {self.round}, step {self.step}; "
+                "lower lr1/lr2 or check the denoiser and loss for numerical problems", self.step, self.best)
+
+    # ---- slack (SPEC.md steps 3-4) -------------------------------------------------------------
+    def _slack_step(self, store: Tensor, origin: Tensor, idx: Tensor, z_leaf: Tensor, ref: Tensor,
+                    y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
+        """SGD step of z', projection onto its ball, accept per sample where the loss went down -> mask."""
+        if self.hp.slack_radius == 0 or z_leaf.grad is None:
+            return torch.zeros(len(idx), dtype=torch.bool, device=store.device)
+        with torch.no_grad():
+            candidate = project_to_ball(z_leaf - self.shift_lr * z_leaf.grad, origin[idx], self.hp.slack_radius)
+            accept = self._losses(candidate, y, cond, sigmas, sigmas_eval) < ref
+            store[idx] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, store[idx])
+        return accept
+
+    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor,
+                          sigmas: Tensor, sigmas_eval: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 1 and 3-4 for one batch: mean loss (backpropagated) and the accepted mask."""
+        y = data.y[idx]
+        cond = None if data.cond is None else data.cond[idx]
+        z_leaf = store[idx].requires_grad_(self.hp.slack_radius > 0)
+        losses = self._losses(z_leaf, y, cond, sigmas, sigmas_eval)
+        self._require_finite(losses, "the training loss")
+        loss = losses.mean()
+        if loss.requires_grad:
+            loss.backward()
+        accept = self._slack_step(store, data.z, idx, z_leaf, losses.detach(), y, cond,
+                                  sigmas.detach(), sigmas_eval.detach())
+        return loss.detach(), accept
+
+    # ---- one training step (SPEC.md steps 1-4) ---------------------------------------------------
+    def _train_step(self, idx: Tensor) -> tuple[float, float]:
+        self.disc.xi.requires_grad_(True)
+        self.disc.xi_c.requires_grad_(self.phase == 2 and self.config.decoupled)
+        sigmas, sigmas_eval = self.disc()
+        loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval)
+        for param, opt in ((self.disc.xi, self.opt1), (self.disc.xi_c, self.opt2)):
+            if param.grad is not None:
+                torch.nn.utils.clip_grad_norm_(param, self.config.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return float(loss), float(accept.float().mean())
+
+    def _validation_slack_pass(self) -> bool:
+        """Slack steps on the validation latents with the schedule fixed; True if any latent moved."""
+        if self.hp.slack_radius == 0:
+            return False
+        self.disc.requires_grad_(False)
+        with torch.no_grad():
+            sigmas, sigmas_eval = self.disc()
+        moved = False
+        for idx in torch.arange(len(self.val)).split(self.config.train_batch_size):
+            _, accept = self._solve_with_slack(self.val, self.z_val, idx.to(self.z_val.device), sigmas, sigmas_eval)
+            moved |= bool(accept.any())
+        return moved
+
+    def _max_slack_distance(self) -> float:
+        distances = [(slack - data.z).flatten(1).norm(dim=1).max() for slack, data in
+                     ((self.z_train, self.train), (self.z_val, self.val))]
+        return float(torch.stack(distances).max())
+
+    # ---- validation checks, best state, patience -------------------------------------------------
+    @torch.no_grad()
+    def _mean_loss(self, data: TeacherData, latents: Tensor, count: int) -> float:
+        sigmas, sigmas_eval = self.disc()
+        total = 0.0
+        for idx in torch.arange(count, device=latents.device).split(self.config.val_batch_size):
+            cond = None if data.cond is None else data.cond[idx]
+            total += float(self._losses(latents[idx], data.y[idx], cond, sigmas, sigmas_eval).sum())
+        return total / count
+
+    def _val_loss(self) -> float:
+        count = len(self.val) if self.val_on_all else min(len(self.val), self.config.val_batch_size)
+        loss = self._mean_loss(self.val, self.z_val, count)
+        self._require_finite(loss, "the validation loss")
+        return loss
+
+    def _schedule(self) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            sigmas, sigmas_eval = self.disc()
+        return _cpu64(sigmas), _cpu64(sigmas_eval)
+
+    def _check(self) -> float:
+        """Validation check: track the best state; after ``patience`` misses reload it (and decay)."""
+        loss = self._val_loss()
+        if self.best is None or loss < self.best.val_loss:
+            self._save_best(loss)
+        else:
+            self.count_worse += 1
+            if self.count_worse >= self.config.patience:
+                self._reload_best_and_decay()
+        return loss
+
+    def _save_best(self, loss: float) -> None:
+        self.best_state = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
+        self.best = BestSchedule(self.step, loss, *self._schedule())
+        self.count_worse = 0
+        for cb in self.callbacks:
+            cb.on_best(self.best)
+
+    def _reload_best(self) -> None:
+        self.disc.load_state_dict(self.best_state)
+        self.count_worse = 0
+
+    def _reload_best_and_decay(self) -> None:
+        self._reload_best()
+        if not self.val_on_all:  # first time: widen the checks to the whole set, re-baseline, no decay
+            self.val_on_all = True
+            self.best = replace(self.best, val_loss=self._val_loss())
+            return
+        cfg = self.config
+        group1, group2 = self.opt1.param_groups[0], self.opt2.param_groups[0]
+        group1["lr"] = max(cfg.lr_decay * group1["lr"], cfg.lr1_floor)
+        if self.phase == 2:
+            group2["lr"] = max(cfg.lr_decay * group2["lr"], cfg.lr2_floor)
+            if group2["lr"] <= cfg.lr2_floor:
+                self.lr2_floor_hits += 1
+
+    # ---- rounds --------------------------------------------------------------------------------
+    def _round(self) -> str | None:
+        """One round; returns a stop reason or None."""
+        if self.round > 0:
+            self._reload_best()
+        self._check()
+        order = torch.randperm(len(self.train), generator=self.generator).to(self.z_train.device)
+        for idx in order.split(self.config.train_batch_size):
+            train_loss, accepted = self._train_step(idx)
+            self.step += 1
+            val_loss = self._check()
+            self._emit_step(train_loss, val_loss, accepted)
+            if self.lr2_floor_hits >= self.config.lr2_floor_hits:
+                return "lr2_floor"
+        if not self._validation_slack_pass() and self.hp.slack_radius > 0:
+            self.shift_lr *= self.config.shift_lr_decay
+        return None
+
+    def _emit_step(self, train_loss: float, val_loss: float, accepted: float) -> None:
+        sigmas, sigmas_eval = self._schedule()
+        metrics = StepMetrics(
+            phase=self.phase, round=self.round, step=self.step, train_loss=train_loss, val_loss=val_loss,
+            best_val_loss=self.best.val_loss, lr1=self.opt1.param_groups[0]["lr"], lr2=self.opt2.param_groups[0]["lr"],
+            shift_lr=self.shift_lr, accepted_fraction=accepted, max_slack_distance=self._max_slack_distance(),
+            val_on_all=self.val_on_all,
+            sigmas=sigmas, sigmas_eval=sigmas_eval,
+        )
+        self.history.append(metrics)
+        for cb in self.callbacks:
+            cb.on_step(metrics)
+
+    def run(self) -> str:
+        """All rounds of both phases; returns the stop reason."""
+        try:
+            for round_index in range(self.config.rounds_v1 + self.config.rounds_v2):
+                self.round = round_index
+                self.phase = 1 if round_index < self.config.rounds_v1 else 2
+                reason = self._round()
+                if reason is not None:
+                    return reason
+        except StopTraining as stop:  # callbacks run only after the first best state exists
+            return f"stopped: {stop}" if str(stop) else "stopped"
+        return "completed"
+
+
+def train_ld3(
+    denoiser: Denoiser,
+    solver: str | Solver,
+    order: int,
+    schedule: NoiseSchedule,
+    train: TeacherData,
+    val: TeacherData,
+    config: LD3Config = LD3Config(),
+    *,
+    n_steps: int | None = None,
+    nfe: int | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    loss_fn: LossFn | None = None,
+    callbacks: Iterable[Callback | Callable[[StepMetrics], None]] = (),
+) -> LD3Result:
+    """Learn the discretisation (σ, σ_eval) of ``solver`` for ``denoiser`` by LD3 (SPEC.md, "Algorithm").
+
+    Args:
+        denoiser: ``D(x, sigma, cond=None) -> x0_hat`` in EDM form.
+        solver: a name in ``ld3.solvers.SOLVERS`` or a solver function with the same signature.
+        order: the solver's order.
+        schedule: the model's noise schedule (σ range, native time for ``mode="time"``).
+        train, val: teacher pairs; device and dtype of the run follow ``train.z``.
+        config: hyperparameters (``LD3Config``).
+        n_steps / nfe: exactly one: the grid's step count N, or the denoiser-call budget (named solver).
+        decode: applied to the solver's output before the loss (latent models); the teacher's ``y``
+            must already be decoded.
+        loss_fn: per-sample loss ``(ŷ, y) -> [B]``; default ``ld3.losses.get_loss(config.loss)``.
+        callbacks: ``Callback`` objects or functions of ``StepMetrics``; they may raise ``StopTraining``.
+
+    Returns the best schedule, its loss on the original validation latents and the history.
+    Raises ``TrainingDiverged`` (with the last finite best schedule attached) if the loss turns NaN/Inf.
+    """
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be an ld3.schedules.NoiseSchedule, got {type(schedule).__name__}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    n_steps, n_fe = _resolve_steps(solver, order, n_steps, nfe)
+    _check_inputs(train, val)
+    device, dtype = train.z.device, train.z.dtype
+    move = lambda d: TeacherData(d.z.to(device, dtype), d.y.to(device, dtype),  # noqa: E731
+                                 None if d.cond is None else d.cond.to(device))
+    train, val = move(train), move(val)
+    if loss_fn is None:
+        loss_fn = get_loss(config.loss)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.to(device)
+    run = _Run(_prepare_denoiser(denoiser, config), get_solver(solver) if isinstance(solver, str) else solver, order,
+               schedule, train, val, config, config.derive(n_steps, train.z.shape[1:]), decode, loss_fn,
+               _as_callbacks(callbacks), n_steps)
+    start = time.perf_counter()
+    reason = run.run()
+    run._reload_best()
+    sigmas, sigmas_eval = run._schedule()
+    final = run._mean_loss(val, val.z, len(val))
+    run._require_finite(final, "the final validation loss")
+    return LD3Result(
+        sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=run.best.val_loss, final_val_loss=final,
+        n_steps=n_steps, nfe=n_fe, steps=run.step, max_slack_distance=run._max_slack_distance(), stop_reason=reason,
+        wall_time_s=time.perf_counter() - start, hyperparameters=run.hp, history=tuple(run.history),
+    )
