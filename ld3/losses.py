@@ -27,7 +27,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 _LPIPS_BACKBONES = {"vgg": ("VGG16_Weights", "IMAGENET1K_V1"),
                     "alex": ("AlexNet_Weights", "IMAGENET1K_V1"),
                     "squeeze": ("SqueezeNet1_1_Weights", "IMAGENET1K_V1")}
-_LPIPS_MIN_SIZE = 16  # four 2x2 max-pools in the VGG trunk need at least 16 pixels per side
+_LPIPS_MIN_SIZE = {"vgg": 16, "alex": 31, "squeeze": 17}  # smallest image side each trunk's pooling accepts
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -96,14 +96,15 @@ class LPIPSLoss(nn.Module):
 
     ``pretrained_backbone=False`` builds the same network with a randomly initialised trunk (for tests and
     offline plumbing; the package's calibrated linear heads are still loaded). ``resize_to`` bilinearly
-    resizes both images to that side length first (needed below 16 pixels; 224 is common practice).
+    resizes both images to that side length first (needed below 16 pixels for VGG; 224 is common practice).
     """
 
     def __init__(self, net: str = "vgg", *, pretrained_backbone: bool = True, resize_to: int | None = None):
         super().__init__()
         _lpips_backbone(net)
-        if resize_to is not None and resize_to < _LPIPS_MIN_SIZE:
-            raise ValueError(f"resize_to must be at least {_LPIPS_MIN_SIZE} pixels or None, got {resize_to}")
+        self.min_size = _LPIPS_MIN_SIZE[net]
+        if resize_to is not None and resize_to < self.min_size:
+            raise ValueError(f"resize_to must be at least {self.min_size} pixels for net={net!r}, or None; got {resize_to}")
         if pretrained_backbone:
             _require_backbone_weights(net)
         import lpips
@@ -120,7 +121,7 @@ class LPIPSLoss(nn.Module):
             raise ValueError(f"LPIPS needs RGB images [B, 3, H, W], got shape {tuple(prediction.shape)}; "
                              "decode latents to images first (train_ld3's decode=)")
         side = min(prediction.shape[-2:])
-        if self.resize_to is None and side < _LPIPS_MIN_SIZE:
+        if self.resize_to is None and side < self.min_size:
             raise ValueError(f"images of {side} pixels are too small for the LPIPS trunk; pass resize_to=32 (or 224)")
         dtype = next(self.metric.parameters()).dtype
         a, b = prediction.to(dtype), target.to(dtype)

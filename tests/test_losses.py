@@ -68,6 +68,8 @@ def test_lpips_rejects_small_or_non_rgb_images(random_lpips, monkeypatch):
         loss(torch.zeros(1, 4, 32, 32), torch.zeros(1, 4, 32, 32))
     with pytest.raises(ValueError, match="backbone"):
         LPIPSLoss(net="resnet", pretrained_backbone=False)
+    with pytest.raises(ValueError, match="at least 31 pixels for net='alex'"):
+        LPIPSLoss(net="alex", pretrained_backbone=False, resize_to=16)
 
 
 def test_missing_backbone_weights_names_file_and_place(tmp_path, monkeypatch):

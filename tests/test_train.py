@@ -265,7 +265,7 @@ def test_float32_latents_decode_and_a_module_loss(gmm, small):
     """dtype follows the latents; decode runs before the loss; an nn.Module loss (LPIPS, random trunk) works."""
     torch.manual_seed(0)
     train, val = (TeacherData(d.z[:2].float(), d.y[:2].float().clamp(-1, 1)) for d in small)
-    lpips = LPIPSLoss("squeeze", pretrained_backbone=False, resize_to=16)  # small trunk: fast to build
+    lpips = LPIPSLoss("squeeze", pretrained_backbone=False, resize_to=32)  # small trunk: fast to build
     decode = lambda x: x.clamp(-1, 1)  # noqa: E731  (stands in for a VAE decoder)
     result = train_ld3(gmm.to(dtype=torch.float32), "ipndm", 3, SCHEDULE, train, val, LD3Config(rounds_v1=1, rounds_v2=0),
                        nfe=4, decode=decode, loss_fn=lpips)
