@@ -138,3 +138,7 @@ def gmm_spec(seed: int = 0, **kwargs: Any) -> ModelSpec:
 
 
 register_model_builder("gmm", build_gmm)
+
+# The paper's families (EDM pickles, diffusers, Stable Diffusion) register their builders on import; last,
+# because that module builds on the names above.
+from pipeline import model_families  # noqa: E402,F401

@@ -1,0 +1,36 @@
+"""LD3 on CIFAR-10 32×32 with EDM's VP model (SPEC.md, "Published results": CIFAR-10 EDM-VP 32²).
+
+    python studies/cifar10.py --checkpoint edm-cifar10-32x32-uncond-vp.pkl   # or set LD3_CIFAR10_CHECKPOINT
+    ray submit ray_cluster.yaml studies/cifar10.py -- --address auto   # on a cluster (docs/cluster.md)
+    python studies/cifar10.py --smoke-test   # a tiny random EDM-style network, on the CPU, for CI
+
+The checkpoint is the EDM release pickle. A pickle runs code when loaded: use only the official file.
+Recipe: pipeline.model_studies.pixel_study (UniPC bh1-3 and iPNDM-4 at NFE 4/6/8/10; teacher UniPC-3,
+NFE 20, EDM rho=7; 50 + 50 samples; LPIPS). A class-conditional pickle gets class labels (--class-labels).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from ld3.models.edm import EDM_RELEASE_URL
+from pipeline.model_studies import ModelStudy, pixel_study
+from pipeline.models import ModelSpec
+from pipeline.smoke_models import tiny_edm_pickle
+
+STUDY = pixel_study("cifar10", ModelSpec("edm", "edm-cifar10-32x32-uncond-vp"))
+SCRIPT = ModelStudy(
+    study=STUDY,
+    description=__doc__.splitlines()[0],
+    env_var="LD3_CIFAR10_CHECKPOINT",
+    default_checkpoint="checkpoints/edm-cifar10-32x32-uncond-vp.pkl",
+    how_to_get=f"download edm-cifar10-32x32-uncond-vp.pkl from {EDM_RELEASE_URL} on a machine with internet access",
+    image_shape=(3, 32, 32),
+    smoke_checkpoint=functools.partial(tiny_edm_pickle, (3, 32, 32)),
+)
+make_config = SCRIPT.make_config
+main = SCRIPT.main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""LD3 on FFHQ 64×64 with EDM's VP model (SPEC.md, "Published results": FFHQ EDM 64²).
+
+    python studies/ffhq.py --checkpoint edm-ffhq-64x64-uncond-vp.pkl   # or set LD3_FFHQ_CHECKPOINT
+    ray submit ray_cluster.yaml studies/ffhq.py -- --address auto   # on a cluster (docs/cluster.md)
+    python studies/ffhq.py --smoke-test   # a tiny random EDM-style network, on the CPU, for CI
+
+The checkpoint is the EDM release pickle. A pickle runs code when loaded: use only the official file.
+Recipe: pipeline.model_studies.pixel_study (UniPC bh1-3 and iPNDM-4 at NFE 4/6/8/10; teacher UniPC-3,
+NFE 20, EDM rho=7; 50 + 50 samples; LPIPS). A class-conditional pickle gets class labels (--class-labels).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from ld3.models.edm import EDM_RELEASE_URL
+from pipeline.model_studies import ModelStudy, pixel_study
+from pipeline.models import ModelSpec
+from pipeline.smoke_models import tiny_edm_pickle
+
+STUDY = pixel_study("ffhq", ModelSpec("edm", "edm-ffhq-64x64-uncond-vp"))
+SCRIPT = ModelStudy(
+    study=STUDY,
+    description=__doc__.splitlines()[0],
+    env_var="LD3_FFHQ_CHECKPOINT",
+    default_checkpoint="checkpoints/edm-ffhq-64x64-uncond-vp.pkl",
+    how_to_get=f"download edm-ffhq-64x64-uncond-vp.pkl from {EDM_RELEASE_URL} on a machine with internet access",
+    image_shape=(3, 64, 64),
+    smoke_checkpoint=functools.partial(tiny_edm_pickle, (3, 64, 64)),
+)
+make_config = SCRIPT.make_config
+main = SCRIPT.main
+
+if __name__ == "__main__":
+    sys.exit(main())
