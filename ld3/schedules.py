@@ -207,6 +207,10 @@ class VPDiscreteSchedule(NoiseSchedule):
         self.alphas_cumprod = ac
         self.lambdas = 0.5 * (torch.log(ac) - torch.log1p(-ac))  # decreasing in t
         self.t_min, self.t_max = 0.0, float(ac.numel() - 1)
+        self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # lambdas per (device, dtype)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tables": {}}  # device copies are a cache: never pickled
 
     @classmethod
     def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> "VPDiscreteSchedule":
@@ -220,7 +224,11 @@ class VPDiscreteSchedule(NoiseSchedule):
         return cls(betas=b)
 
     def _table(self, like: Tensor) -> Tensor:
-        return self.lambdas.to(dtype=like.dtype, device=like.device)
+        """The lambda table on ``like``'s device and dtype, copied there once (no host transfer per call)."""
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = self.lambdas.to(dtype=like.dtype, device=like.device)
+        return self._tables[key]
 
     def lambda_(self, t: Tensor) -> Tensor:
         t = _as_tensor(t)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ld3.cuda_graphs import GraphedSolver
 from ld3.discretizations import BASELINES, LearnableDiscretization
 from ld3.losses import LOSS_NAMES, LossFn, get_loss
 from ld3.schedules import NoiseSchedule
@@ -78,6 +79,8 @@ class LD3Config:
     loss: str = "l2"  # "l2" | "l1" | "lpips" (ld3.losses), unless train_ld3 gets loss_fn=
     grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
     compile: bool = False  # torch.compile the denoiser
+    cuda_graphs: bool = False  # replay solves + backward from CUDA graphs (ld3.cuda_graphs): same kernels, ~3x faster
+    val_slack_batch_size: int | None = None  # batch of the validation slack pass; None -> train_batch_size (same steps)
     seed: int = 0  # order of training batches
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class LD3Config:
             ("rounds_v2", self.rounds_v2 >= 0 and self.rounds_v1 + self.rounds_v2 >= 1, ">= 0, with rounds_v1 + rounds_v2 >= 1"),
             ("train_batch_size", self.train_batch_size >= 1, "an integer >= 1"),
             ("val_batch_size", self.val_batch_size >= 1, "an integer >= 1"),
+            ("val_slack_batch_size", self.val_slack_batch_size is None or self.val_slack_batch_size >= 1,
+             "an integer >= 1 or None (train_batch_size)"),
             ("lr1", self.lr1 > 0, "> 0"),
             ("momentum1", 0 <= self.momentum1 < 1, "in [0, 1)"),
             ("lr2", self.lr2 is None or self.lr2 > 0, "> 0 or None (0.1 / N)"),
@@ -388,15 +393,17 @@ class _Run:
             store[idx] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, store[idx])
         return accept
 
-    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor,
-                          sigmas: Tensor, sigmas_eval: Tensor) -> tuple[Tensor, Tensor]:
-        """Steps 1 and 3-4 for one batch: mean loss (backpropagated) and the accepted mask."""
+    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor, sigmas: Tensor,
+                          sigmas_eval: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Steps 1 and 3-4 for one batch: loss (backpropagated) and the accepted mask.
+
+        The loss is the batch mean, or ``sum(weights * losses)`` when per-sample weights are given."""
         y = data.y[idx]
         cond = None if data.cond is None else data.cond[idx]
         z_leaf = store[idx].requires_grad_(self.hp.slack_radius > 0)
         losses = self._losses(z_leaf, y, cond, sigmas, sigmas_eval)
         self._require_finite(losses, "the training loss")
-        loss = losses.mean()
+        loss = losses.mean() if weights is None else (weights * losses).sum()
         if loss.requires_grad:
             loss.backward()
         accept = self._slack_step(store, data.z, idx, z_leaf, losses.detach(), y, cond,
@@ -417,17 +424,26 @@ class _Run:
         return float(loss), float(accept.float().mean())
 
     def _validation_slack_pass(self) -> bool:
-        """Slack steps on the validation latents with the schedule fixed; True if any latent moved."""
+        """Slack steps on the validation latents with the schedule fixed; True if any latent moved.
+
+        With the schedule fixed the samples are independent, so they are solved ``val_slack_batch_size``
+        at a time; each loss is weighted by 1 / (size of its ``train_batch_size`` chunk), so every latent
+        takes the step of the reference's per-train-batch pass whatever the batch.
+        """
         if self.hp.slack_radius == 0:
             return False
         self.disc.requires_grad_(False)
         with torch.no_grad():
             sigmas, sigmas_eval = self.disc()
-        moved = False
-        for idx in torch.arange(len(self.val)).split(self.config.train_batch_size):
-            _, accept = self._solve_with_slack(self.val, self.z_val, idx.to(self.z_val.device), sigmas, sigmas_eval)
-            moved |= bool(accept.any())
-        return moved
+        count, device = len(self.val), self.z_val.device
+        chunk_sizes = [len(c) for c in torch.arange(count).split(self.config.train_batch_size)]
+        weights = torch.cat([torch.full((n,), 1.0 / n) for n in chunk_sizes]).to(device, self.z_val.dtype)
+        batch = self.config.val_slack_batch_size or self.config.train_batch_size
+        moved = torch.zeros((), dtype=torch.bool, device=device)
+        for idx in torch.arange(count, device=device).split(batch):
+            _, accept = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx])
+            moved |= accept.any()
+        return bool(moved)
 
     def _max_slack_distance(self) -> float:
         distances = [(slack - data.z).flatten(1).norm(dim=1).max() for slack, data in
@@ -583,7 +599,8 @@ def train_ld3(
         loss_fn = get_loss(config.loss)
     if isinstance(loss_fn, nn.Module):
         loss_fn = loss_fn.to(device)
-    run = _Run(_prepare_denoiser(denoiser, config), get_solver(solver) if isinstance(solver, str) else solver, order,
+    solver_fn = get_solver(solver) if isinstance(solver, str) else solver
+    run = _Run(_prepare_denoiser(denoiser, config), GraphedSolver(solver_fn) if config.cuda_graphs else solver_fn, order,
                schedule, train, val, config, config.derive(n_steps, train.z.shape[1:]), decode, loss_fn,
                _as_callbacks(callbacks), n_steps)
     start = time.perf_counter()

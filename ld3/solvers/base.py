@@ -65,7 +65,13 @@ def _check_shapes(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
 
 
 def _check_values(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
-    """Value checks with a single host synchronisation; details are computed only on failure."""
+    """Value checks with a single host synchronisation; details are computed only on failure.
+
+    Skipped while a CUDA graph is captured (a host synchronisation is illegal there): the graph's eager
+    warm-up call checks them (``ld3.cuda_graphs``).
+    """
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     s, se = sigmas.detach(), sigmas_eval.detach()
     flags = torch.stack(
         [

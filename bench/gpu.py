@@ -1,0 +1,483 @@
+"""GPU benchmark of ld3 on a network with real cost: floor, teacher, the LD3 recipe end to end, SD-size memory.
+
+The stand-in network is the DDPM CIFAR-10 UNet (diffusers ``UNet2DModel`` with the config of
+google/ddpm-cifar10-32, 35.7M parameters, random weights from a fixed seed) wrapped by
+``ld3.models.DiffusersDenoiser`` as an EDM denoiser (VP discrete linear schedule, epsilon prediction),
+3x32x32. Sections:
+
+1. floor: the network's own forward throughput (samples x NFE per second, no grad) per batch size and
+   precision, launched eagerly and replayed from a CUDA graph;
+2. teacher: UniPC-3 (bh1), NFE 20, EDM rho=7 grid over the model's sigma range, eager and through
+   ``ld3.cuda_graphs.GraphedSolver``, as a fraction of the better floor at the same batch and precision;
+3. recipe: the LD3 reference recipe (50 + 50 samples, train batch 2, 2 + 5 rounds, UniPC-3 bh1, NFE 10,
+   lambda mode, L2 loss) with ld3's defaults, then faster settings; wall time, s/iteration, peak memory,
+   final validation RMSE (sqrt of the mean per-sample MSE of the best schedule on the original
+   validation latents), and the fastest setting whose final RMSE is no worse than the defaults';
+4. sd: one LD3 training step (UniPC-3 bh2, NFE 10, batch 1, CFG 7.5, L2 on latents) through an SD-1.5-size
+   ``UNet2DConditionModel`` (random weights, 4x64x64 latents), with and without gradient checkpointing.
+
+Prints a table per section at the end and writes all numbers to ``<out>/gpu.json``:
+
+    python bench/gpu.py                                  # on CUDA, JSON into $OUT (or --out)
+    python bench/gpu.py --device cpu --quick --out /tmp  # tiny sizes: checks the script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from ld3.cuda_graphs import GraphedSolver
+from ld3.discretizations import LearnableDiscretization, edm_rho
+from ld3.losses import l2_loss
+from ld3.models import DiffusersDenoiser
+from ld3.schedules import VPDiscreteSchedule
+from ld3.solvers import unipc_bh1, unipc_bh2
+from ld3.train import LD3Config, TeacherData, train_ld3
+from ld3.utils import latents_from_seeds
+
+# google/ddpm-cifar10-32, unet/config.json (35.7M parameters; self-attention at the 16x16 level).
+DDPM_CIFAR10_UNET = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "act_fn": "silu", "attention_head_dim": None, "center_input_sample": False, "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+QUICK_UNET = {**DDPM_CIFAR10_UNET, "sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 32, 32, 32),
+              "norm_num_groups": 8}
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}  # the other UNet2DConditionModel defaults are SD v1.x's
+QUICK_SD_UNET = {"sample_size": 8, "cross_attention_dim": 32, "block_out_channels": (32, 64, 64, 64),
+                 "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 16}
+
+PRECISIONS = ("default", "tf32", "bf16")  # default: PyTorch's (TF32 convolutions, FP32 matmuls)
+TEACHER = {"order": 3, "nfe": 20, "rho": 7.0}  # UniPC-3 bh1, NFE 20 = 20 steps, EDM rho=7 grid
+
+
+# ---- timing and environment ---------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, min_time: float, min_reps: int = 3) -> float:
+    """Median wall time of ``fn`` (one warm-up call first; device work synchronised around each call)."""
+    fn()
+    times: list[float] = []
+    while len(times) < min_reps or sum(times) < min_time:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def set_precision(name: str) -> bool:
+    """Set PyTorch's TF32 switches for ``name``; return whether the denoiser runs under bf16 autocast."""
+    tf32 = name in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default (convolutions in TF32) in every setting
+    return name == "bf16"
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in sys.argv), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    gpu_memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    return info
+
+
+# ---- the stand-in network -----------------------------------------------------------------------
+def cifar_unet(device: torch.device, quick: bool) -> torch.nn.Module:
+    """The DDPM CIFAR-10 UNet architecture with random weights (seed 0), frozen."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    net = UNet2DModel(**(QUICK_UNET if quick else DDPM_CIFAR10_UNET))
+    return net.to(device).eval().requires_grad_(False)
+
+
+def cifar_denoiser(net: torch.nn.Module, bf16: bool) -> DiffusersDenoiser:
+    """``net`` as an EDM denoiser: DDPM's linear betas (1e-4 .. 0.02, 1000 steps), epsilon prediction."""
+    return DiffusersDenoiser(net, VPDiscreteSchedule.linear(), "epsilon", autocast_bf16=bf16)
+
+
+def graphed_forward(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``fn`` (no arguments, fixed inputs) captured into a CUDA graph; returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+
+    def replay() -> None:
+        graph.replay()
+
+    return replay
+
+
+def raw_network_call(net: torch.nn.Module, x: Tensor, t: Tensor, bf16: bool) -> Callable[[], Tensor]:
+    def call() -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x, t).sample
+
+    return call
+
+
+# ---- 1. floor -----------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_floor(net: torch.nn.Module, batch_sizes: list[int], device: torch.device, min_time: float) -> list[dict]:
+    rows = []
+    shape = tuple(net.config.sample_size for _ in range(2))
+    for precision in PRECISIONS:
+        bf16 = set_precision(precision)
+        for batch in batch_sizes:
+            x = torch.randn(batch, net.config.in_channels, *shape, device=device)
+            t = torch.rand(batch, device=device) * 999
+            call = raw_network_call(net, x, t, bf16)
+            row = {"precision": precision, "batch": batch,
+                   "eager_per_s": batch / median_seconds(call, device, min_time)}
+            if device.type == "cuda":
+                row["graph_per_s"] = batch / median_seconds(graphed_forward(call), device, min_time)
+            row["floor_per_s"] = max(row["eager_per_s"], row.get("graph_per_s", 0.0))
+            rows.append(row)
+            del x, t, call
+    return rows
+
+
+# ---- 2. teacher ---------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_teacher(net: torch.nn.Module, batch_sizes: list[int], device: torch.device, min_time: float,
+                  floor: list[dict]) -> list[dict]:
+    rows = []
+    schedule = VPDiscreteSchedule.linear()
+    sigmas = edm_rho(TEACHER["nfe"], schedule, rho=TEACHER["rho"]).to(device)
+    floors = {(r["precision"], r["batch"]): r["floor_per_s"] for r in floor}  # empty if the floor did not run
+    for precision in PRECISIONS:
+        denoiser = cifar_denoiser(net, set_precision(precision))
+        graphed = GraphedSolver(unipc_bh1)
+        for batch in batch_sizes:
+            x = sigmas[0].float() * torch.randn(batch, *denoiser.shape, device=device)
+            row = {"precision": precision, "batch": batch}
+            for name, solver in (("eager", unipc_bh1), ("graph", graphed)):
+                solve = lambda: solver(denoiser, x, sigmas, order=TEACHER["order"])  # noqa: B023
+                row[f"{name}_per_s"] = batch * TEACHER["nfe"] / median_seconds(solve, device, min_time)
+            if device.type == "cuda":
+                eager, replayed = unipc_bh1(denoiser, x, sigmas, order=3), graphed(denoiser, x, sigmas, order=3)
+                row["graph_vs_eager_max_abs"] = float((eager - replayed).abs().max())
+            best = max(row["eager_per_s"], row["graph_per_s"])
+            if (precision, batch) in floors:
+                row["fraction_of_floor"] = best / floors[(precision, batch)]
+            rows.append(row)
+        graphed.clear()
+    return rows
+
+
+# ---- 3. the LD3 recipe --------------------------------------------------------------------------
+DEFAULTS = "ld3 defaults (reference recipe)"
+
+
+@dataclass(frozen=True)
+class RecipeVariant:
+    name: str
+    precision: str = "default"
+    overrides: dict = field(default_factory=dict)  # LD3Config fields
+
+
+def recipe_variants(device: torch.device, n_val: int) -> list[RecipeVariant]:
+    graphs = {"cuda_graphs": device.type == "cuda"}
+    fast = {**graphs, "val_slack_batch_size": n_val}
+    return [  # the slow eager defaults last, so that a short time budget still measures the fast settings
+        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}", overrides=fast),
+        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val} (again)", overrides=fast),
+        RecipeVariant("cuda_graphs", overrides=graphs),
+        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, bf16", "bf16", fast),
+        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, TF32, train batch 5", "tf32",
+                      {**fast, "train_batch_size": 5}),
+        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, bf16, train batch 5", "bf16",
+                      {**fast, "train_batch_size": 5}),
+        RecipeVariant(DEFAULTS),
+    ]
+
+
+def teacher_data(net: torch.nn.Module, device: torch.device, n_train: int,
+                 n_val: int) -> tuple[TeacherData, TeacherData]:
+    """The teacher's pairs (z, y) for seeds 0 .. n_train + n_val - 1, in PyTorch's default precision."""
+    denoiser = cifar_denoiser(net, set_precision("default"))
+    sigmas = edm_rho(TEACHER["nfe"], denoiser.schedule, rho=TEACHER["rho"]).to(device)
+    z = latents_from_seeds(range(n_train + n_val), denoiser.shape, torch.float32, device)
+    with torch.no_grad():
+        y = torch.cat([unipc_bh1(denoiser, float(sigmas[0]) * part, sigmas, order=TEACHER["order"])
+                       for part in z.split(50)])
+    return TeacherData(z[:n_train], y[:n_train]), TeacherData(z[n_train:], y[n_train:])
+
+
+def run_recipe(net: torch.nn.Module, variant: RecipeVariant, train: TeacherData, val: TeacherData,
+               device: torch.device, rounds: tuple[int, int]) -> dict:
+    denoiser = cifar_denoiser(net, set_precision(variant.precision))
+    config = LD3Config(rounds_v1=rounds[0], rounds_v2=rounds[1], loss="l2", mode="lambda", **variant.overrides)
+    reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    result = train_ld3(denoiser, "unipc_bh1", 3, denoiser.schedule, train, val, config, nfe=10)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    return {"name": variant.name, "precision": variant.precision,
+            "config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
+            "wall_s": wall, "steps": result.steps, "s_per_iteration": wall / max(result.steps, 1),
+            "peak_gib": peak_gib(device), "final_val_rmse": math.sqrt(result.final_val_loss),
+            "best_val_loss": result.best_val_loss, "stop_reason": result.stop_reason,
+            "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()}
+
+
+def solve_costs(net: torch.nn.Module, train: TeacherData, val: TeacherData, device: torch.device,
+                min_time: float) -> list[dict]:
+    """Seconds of the solves one LD3 iteration is made of (default precision), eager and graphed: the
+    training solve + backward (batch 2), the accept-if-better re-solve (batch 2), the validation check (all)."""
+    denoiser = cifar_denoiser(net, set_precision("default"))
+    disc = LearnableDiscretization(10, denoiser.schedule, device=device)
+
+    def solve_loss(solver: Callable[..., Tensor], z: Tensor, y: Tensor) -> Tensor:
+        sigmas, sigmas_eval = disc()
+        return l2_loss(solver(denoiser, disc.sigma_max * z, sigmas, sigmas_eval, order=3), y).mean()
+
+    def timed(solver: Callable[..., Tensor], z: Tensor, y: Tensor, backward: bool) -> float:
+        def once() -> None:
+            if backward:
+                solve_loss(solver, z.clone().requires_grad_(True), y).backward()
+                disc.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    solve_loss(solver, z, y)
+        return median_seconds(once, device, min_time)
+
+    rows = []
+    for name, solver in (("eager", unipc_bh1), ("graph", GraphedSolver(unipc_bh1))):
+        row = {"solver": name,
+               "train_solve_backward_b2_s": timed(solver, train.z[:2], train.y[:2], backward=True),
+               "resolve_b2_s": timed(solver, train.z[:2], train.y[:2], backward=False),
+               f"validation_b{len(val)}_s": timed(solver, val.z, val.y, backward=False)}
+        row["iteration_s"] = sum(v for k, v in row.items() if k.endswith("_s"))
+        rows.append(row)
+    return rows
+
+
+def bench_recipe(net: torch.nn.Module, device: torch.device, quick: bool, deadline: float, min_time: float) -> dict:
+    n = 6 if quick else 50
+    rounds = (1, 1) if quick else (2, 5)
+    train, val = teacher_data(net, device, n, n)
+    costs = solve_costs(net, train, val, device, min_time)
+    print(f"recipe: solve costs {costs}", flush=True)
+    rows = []
+    for variant in recipe_variants(device, n):
+        if time.perf_counter() > deadline:
+            rows.append({"name": variant.name, "skipped": "time budget spent"})
+            continue
+        try:
+            rows.append(run_recipe(net, variant, train, val, device, rounds))
+        except Exception as error:  # noqa: BLE001 - one failing variant must not hide the others
+            traceback.print_exc()
+            rows.append({"name": variant.name, "error": f"{type(error).__name__}: {error}"})
+        print(f"recipe: {rows[-1].get('name')}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
+                                                             if isinstance(v, float)), flush=True)
+    baseline = next((r for r in rows if r["name"] == DEFAULTS and "final_val_rmse" in r), None)
+    fastest = None
+    if baseline is not None:
+        good = [r for r in rows if "final_val_rmse" in r and r["final_val_rmse"] <= baseline["final_val_rmse"]]
+        fastest = min(good, key=lambda r: r["wall_s"])["name"]
+    return {"samples": {"train": n, "val": n}, "rounds": rounds, "solve_costs": costs, "variants": rows,
+            "fastest_no_worse_than_defaults": fastest}
+
+
+# ---- 4. SD-size memory --------------------------------------------------------------------------
+def sd_denoiser(device: torch.device, quick: bool) -> DiffusersDenoiser:
+    """An SD-1.5-size UNet2DConditionModel (random weights, seed 0) with CFG 7.5 on a random negative prompt."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = QUICK_SD_UNET if quick else SD15_UNET
+    with device:
+        unet = UNet2DConditionModel(**config)
+        negative = torch.randn(1, 77, config["cross_attention_dim"])
+    return DiffusersDenoiser(unet, VPDiscreteSchedule.scaled_linear(), "epsilon", guidance_scale=7.5,
+                             unconditional=negative)
+
+
+def sd_training_step(denoiser: DiffusersDenoiser, disc: LearnableDiscretization, z: Tensor, y: Tensor,
+                     cond: Tensor) -> None:
+    """One LD3 step: solve from a slack latent with the learnable grid, L2 loss, backward."""
+    z_leaf = z.clone().requires_grad_(True)
+    sigmas, sigmas_eval = disc()
+    x = unipc_bh2(denoiser, disc.sigma_max * z_leaf, sigmas, sigmas_eval, order=3, cond=cond)
+    l2_loss(x, y).mean().backward()
+    disc.zero_grad(set_to_none=True)
+
+
+def bench_sd(device: torch.device, quick: bool, min_time: float) -> dict:
+    denoiser = sd_denoiser(device, quick)
+    params = sum(p.numel() for p in denoiser.net.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(1, *denoiser.shape, generator=gen).to(device)
+    y = torch.randn(1, *denoiser.shape, generator=gen).to(device)
+    cond = torch.randn(1, 77, denoiser.net.config.cross_attention_dim, generator=gen).to(device)
+    disc = LearnableDiscretization(10, denoiser.schedule, device=device)
+    rows = []
+    for precision in ("default", "bf16"):
+        for checkpointing in (False, True):
+            denoiser.autocast_bf16 = set_precision(precision)
+            denoiser.gradient_checkpointing = checkpointing
+            row = {"precision": precision, "gradient_checkpointing": checkpointing}
+            reset_peak(device)
+            try:
+                row["s_per_step"] = median_seconds(lambda: sd_training_step(denoiser, disc, z, y, cond), device,
+                                                   min_time, min_reps=2)
+                row["peak_gib"] = peak_gib(device)
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            rows.append(row)
+            print(f"sd: {row}", flush=True)
+    return {"unet_parameters": params, "latent": list(denoiser.shape), "nfe": 10, "batch": 1, "cfg_scale": 7.5,
+            "rows": rows}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (header, key, format)."""
+    def cell(row: dict, key: str, fmt: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return row.get("error", row.get("skipped", "")) if key == columns[-1][1] else ""
+        return format(value, fmt) if fmt else str(value)
+
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    parts = [f"environment: {json.dumps(results['environment'])}"]
+    if "floor" in results:
+        parts += ["", "floor: network forward, samples x NFE / s (no grad)", table(results["floor"], [
+            ("precision", "precision", ""), ("batch", "batch", "d"), ("eager", "eager_per_s", ",.0f"),
+            ("CUDA graph", "graph_per_s", ",.0f")])]
+    if "teacher" in results:
+        parts += ["", "teacher: UniPC-3 NFE 20, samples x NFE / s", table(results["teacher"], [
+            ("precision", "precision", ""), ("batch", "batch", "d"), ("eager", "eager_per_s", ",.0f"),
+            ("graphed", "graph_per_s", ",.0f"), ("best / floor", "fraction_of_floor", ".1%")])]
+    if "recipe" in results:
+        recipe = results["recipe"]
+        parts += ["", f"recipe: {recipe['samples']} samples, rounds {recipe['rounds']}, UniPC-3 NFE 10, L2",
+                  table(recipe["variants"], [
+                      ("setting", "name", ""), ("wall s", "wall_s", ".1f"), ("steps", "steps", "d"),
+                      ("s / it", "s_per_iteration", ".3f"), ("peak GiB", "peak_gib", ".2f"),
+                      ("final val RMSE", "final_val_rmse", ".5f")]),
+                  f"fastest with final RMSE <= defaults': {recipe['fastest_no_worse_than_defaults']}",
+                  "", "solves of one iteration (default precision), seconds",
+                  table(recipe["solve_costs"], [(k, k, "" if k == "solver" else ".4f")
+                                                for k in recipe["solve_costs"][0]])]
+    if "sd" in results:
+        sd = results["sd"]
+        parts += ["", (f"sd: LD3 step through NFE 10 of a {sd['unet_parameters'] / 1e6:.0f}M-parameter UNet, "
+                      f"latent {sd['latent']}, batch 1, CFG {sd['cfg_scale']}"),
+                  table(sd["rows"], [("precision", "precision", ""), ("checkpointing", "gradient_checkpointing", ""),
+                                     ("s / step", "s_per_step", ".3f"), ("peak GiB", "peak_gib", ".2f")])]
+    return "\n".join(parts)
+
+
+def write_json(results: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gpu.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+SECTIONS = ("floor", "teacher", "recipe", "sd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    parser.add_argument("--quick", action="store_true", help="tiny network and data: checks the script")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--batch-sizes", default=None, help="floor/teacher batch sizes (default 1,2,16,64,256,1024)")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of repeats per timing (default 0.5)")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which recipe variants are skipped")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the tiny --quick sizes only lose to thread contention
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {SECTIONS}")
+    default_sizes = "2,4" if args.quick else "1,2,16,64,256,1024"
+    batch_sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
+    min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.5)
+    start = time.perf_counter()
+    results: dict = {"environment": environment(device)}
+    net = cifar_unet(device, args.quick)
+    results["cifar_unet_parameters"] = sum(p.numel() for p in net.parameters())
+    print(f"UNet2DModel (DDPM CIFAR-10 config): {results['cifar_unet_parameters']:,} parameters", flush=True)
+    steps: dict[str, Callable[[], object]] = {
+        "floor": lambda: bench_floor(net, batch_sizes, device, min_time),
+        "teacher": lambda: bench_teacher(net, batch_sizes, device, min_time, results.get("floor", [])),
+        "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time),
+        "sd": lambda: bench_sd(device, args.quick, min_time),
+    }
+    for name in sections:
+        section_start = time.perf_counter()
+        try:
+            results[name] = steps[name]()
+        except Exception as error:  # noqa: BLE001 - report what ran, keep going
+            traceback.print_exc()
+            results[f"{name}_error"] = f"{type(error).__name__}: {error}"
+        results.setdefault("section_seconds", {})[name] = time.perf_counter() - section_start
+        write_json(results, Path(args.out))
+        print(f"[{name} done in {time.perf_counter() - section_start:.1f} s]", flush=True)
+    print()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
