@@ -3,7 +3,8 @@
 A study script defines ``make_config(args) -> StudyConfig`` (its frozen defaults, the smoke-test variant)
 and calls ``main(make_config, description)``. Flags common to all studies:
 ``--address --tracking-uri --cache-dir --exports-dir --storage-dir --num-samples --nfe --solvers
---max-concurrent --gpus-per-trial --cpus-per-trial --no-resume --smoke-test``.
+--max-concurrent --gpus-per-trial --cpus-per-trial --no-resume --smoke-test``, and the evaluation stage's
+``--fid-samples --fid-ref --inception-weights --eval-workers`` (any of them turns it on).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from pipeline.cache_store import CacheCorruptError
+from pipeline.evaluate import EvaluationConfig, format_evaluation_table
 from pipeline.study import SolverChoice, StudyConfig, StudyError, StudyOptions, StudyResult, format_table, run_study
 from pipeline.teacher_cache import TeacherGenerationError
 from pipeline.tracking import TrackingError
@@ -78,6 +80,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
     p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (Tune progress with -vv)")
+    evaluation = p.add_argument_group("evaluation stage (after the search; any of these turns it on)")
+    evaluation.add_argument("--fid-samples", type=int, default=None, metavar="N",
+                            help="samples per learned/baseline schedule (published FIDs: 50000)")
+    evaluation.add_argument("--fid-ref", default=None, metavar="PATH",
+                            help="FID reference statistics (.npz with mu, sigma) or a folder of real images")
+    evaluation.add_argument("--inception-weights", default=None, metavar="PATH",
+                            help="Inception-v3 FID weights (default: the torch hub cache)")
+    evaluation.add_argument("--eval-workers", type=int, default=None, metavar="K",
+                            help="Ray actors sampling in parallel (each takes a trial's CPUs/GPUs)")
     return p
 
 
@@ -91,7 +102,20 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfi
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
     }
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return _apply_evaluation_flags(config, args)
+
+
+def _apply_evaluation_flags(config: StudyConfig, args: argparse.Namespace) -> StudyConfig:
+    """The evaluation flags change the script's EvaluationConfig, or turn one on with a trial's resources."""
+    flags = {"num_samples": args.fid_samples, "fid_reference": args.fid_ref,
+             "inception_weights": args.inception_weights, "concurrency": args.eval_workers}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return config
+    base = config.evaluation or EvaluationConfig(num_gpus_per_actor=config.gpus_per_trial,
+                                                 num_cpus_per_actor=config.cpus_per_trial)
+    return replace(config, evaluation=replace(base, **given))
 
 
 def options_from_args(args: argparse.Namespace) -> StudyOptions:
@@ -107,6 +131,7 @@ def report(result: StudyResult) -> str:
         "teacher's validation set (original latents); ratio < 1 means the learned schedule wins.",
         "",
         format_table(result),
+        *([] if result.evaluation is None else ["", format_evaluation_table(result.evaluation)]),
         "",
         f"Exported schedules: {result.exports_dir}",
         f"Teacher data:       {result.cache}",

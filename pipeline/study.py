@@ -9,7 +9,9 @@
    then runs Tune with ``OptunaSearch`` (seeded TPE, define-by-run space with conditional parameters,
    the paper's recipe as the first point) and ``ASHAScheduler`` on the per-step validation loss; every
    trial reads the cached teacher data, logs a nested MLflow run and reports to Tune;
-5. exports the best schedule of each cell and returns a table of learned vs baseline.
+5. exports the best schedule of each cell and returns a table of learned vs baseline;
+6. optionally (``StudyConfig.evaluation``) samples the exported and baseline schedules on Ray workers for
+   FID / the exact data-space Fréchet distance (pipeline.evaluate).
 
 An interrupted study resumes: Tune experiments are restored from their storage path, the MLflow
 parent run and finished baseline runs are reused, and the teacher data is a cache hit.
@@ -42,6 +44,8 @@ from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
 from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
+from pipeline.devices import placement_tags, worker_device
+from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
 from pipeline.export import build_export, save_export
 from pipeline.fileio import ensure_writable_dir
 from pipeline.models import LoadedModel, ModelSpec
@@ -193,6 +197,7 @@ class StudyConfig:
     fd_samples: int = 2000  # samples for the exact data-space Fréchet distance (GMM models only)
     eval_batch_size: int = 256
     seed: int = 0  # seeds Optuna's TPE sampler
+    evaluation: EvaluationConfig | None = None  # sample quality (FID / exact FD) after the search; None skips it
 
     def __post_init__(self) -> None:
         if not self.solvers:
@@ -298,10 +303,6 @@ class _Loaded:
     device: torch.device
 
 
-def _device(gpus: float) -> torch.device:
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
 def _teacher_data(data: TeacherDataset, model: LoadedModel, device: torch.device) -> TeacherData:
     cond = None
     if data.condition is not None:
@@ -312,7 +313,7 @@ def _teacher_data(data: TeacherDataset, model: LoadedModel, device: torch.device
 
 def _load(ctx: CellContext) -> _Loaded:
     """Build the model and read the cached teacher data (verified) in this process."""
-    device = _device(ctx.study.gpus_per_trial)
+    device = worker_device(ctx.study.gpus_per_trial)
     dtype = ctx.study.teacher.torch_dtype
     model = ctx.build_model(device=device, dtype=dtype)
     entry = TeacherCache(ctx.cache_root).entry(ctx.cache_key)
@@ -360,7 +361,8 @@ def evaluate_baselines(ctx: CellContext, names: Sequence[str]) -> tuple[dict[str
     for name in names:
         metrics = _final_metrics(ctx, loaded, grids[name], None)
         with TrialLogger.start(ctx.tracking, kind="baseline", key=name, **ctx.identity,
-                               params={"discretization": name, "n_steps": ctx.n_steps}) as run:
+                               params={"discretization": name, "n_steps": ctx.n_steps},
+                               tags=placement_tags(loaded.device)) as run:
             run.log_final_metrics(metrics)
             run.log_schedule(grids[name], None, baselines={k: v for k, v in grids.items() if k != name})
         results[name] = {**metrics, "sigmas": grids[name].tolist(), "mlflow_run_id": run.run_id}
@@ -387,7 +389,8 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     config = hyperparameters_to_config(params, ctx.study.trainer, ctx.n_steps)
     trial_id = tune.get_context().get_trial_id() or "local"
     run = TrialLogger.start(ctx.tracking, kind="trial", key=trial_id, **ctx.identity,
-                            params={**asdict(config), "n_steps": ctx.n_steps}, flush_interval_s=2.0)
+                            params={**asdict(config), "n_steps": ctx.n_steps}, tags=placement_tags(loaded.device),
+                            flush_interval_s=2.0)
     try:
         result = train_ld3(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, loaded.model.schedule,
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
@@ -439,6 +442,7 @@ class StudyResult:
     parent_run_id: str
     cache: str
     exports_dir: str
+    evaluation: EvaluationResult | None = None  # the sample-quality stage (StudyConfig.evaluation)
 
 
 def _resources(study: StudyConfig) -> dict[str, float]:
@@ -533,6 +537,8 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     """Run (or resume) a whole study; see the module docstring."""
     check_paths(options)
     check_ray_address(options.address)
+    if study.evaluation is not None:
+        check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
     tracker = StudyTracker.open(study.name, tracking_uri=options.tracking_uri, default_dir=options.work_dir,
                                 resume=options.resume, params=_study_params(study),
@@ -551,6 +557,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
         baseline_refs = [_submit_baselines(ctx) for ctx in contexts]
         cells = tuple(_run_cell(ctx, options, tracker, ref) for ctx, ref in zip(contexts, baseline_refs))
         _log_summary(tracker, cells)
+        evaluation = None if study.evaluation is None else evaluate_study(study, cells, tracker)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -560,7 +567,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
         if started_ray:
             ray.shutdown()
     return StudyResult(study.name, study.model.model_id, cells, entry.hit, tracker.tracking_uri, tracker.experiment_id,
-                       tracker.run_id, entry.uri, os.path.abspath(options.exports_dir))
+                       tracker.run_id, entry.uri, os.path.abspath(options.exports_dir), evaluation)
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:
