@@ -27,7 +27,7 @@ import logging
 import pickle
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -100,7 +100,8 @@ class EvaluationConfig:
     conditions: tuple[ConditionValue, ...] | None = None  # class ids or prompts, cycled over the samples; None: unconditional
     grid_size: int = 8  # the sample grid artifact shows grid_size x grid_size samples (0: no grid)
 
-    batch_size: int = 250  # samples per actor call; each call sends back one partial statistic per schedule
+    batch_size: int = 1000  # samples per actor call; each call sends back one partial statistic per schedule (32 MB for FID)
+    device_batch_size: int = 100  # samples per solve / Inception pass on the device (bounds GPU memory)
     concurrency: int = 1  # Ray actors, each holding the model and the Inception network once
     num_gpus_per_actor: float = 0.0  # > 0 runs the actors on CUDA (fractions share a GPU)
     num_cpus_per_actor: float = 1.0
@@ -111,6 +112,7 @@ class EvaluationConfig:
         _check_int("seed_offset", self.seed_offset, 0)
         _check_int("grid_size", self.grid_size, 0)
         _check_int("batch_size", self.batch_size, 1)
+        _check_int("device_batch_size", self.device_batch_size, 1)
         _check_int("concurrency", self.concurrency, 1)
         _check_int("actor_start_timeout_s", self.actor_start_timeout_s, 1)
         for name in self.baselines or ():
@@ -175,7 +177,8 @@ def learned_target(exported: ExportedSchedule, export_path: str | Path | None = 
                           export_path=None if export_path is None else str(export_path))
 
 
-def targets_from_cells(model_id: str, cells: Iterable[CellResult], baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
+def targets_from_cells(model_id: str, cells: Iterable[CellResult],
+                       baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
     """The exported best schedule and the baselines of each study cell."""
     targets = []
     for cell in cells:
@@ -183,7 +186,8 @@ def targets_from_cells(model_id: str, cells: Iterable[CellResult], baselines: Se
             targets.append(learned_target(load_schedule(cell.export_path), cell.export_path))
         for name in sorted(BASELINES) if baselines is None else baselines:
             run_id = cell.baselines.get(name, {}).get("mlflow_run_id")
-            targets.append(ScheduleTarget(model_id, cell.solver.name, cell.solver.order, cell.nfe, name, mlflow_run_id=run_id))
+            targets.append(ScheduleTarget(model_id, cell.solver.name, cell.solver.order, cell.nfe, name,
+                                          mlflow_run_id=run_id))
     return targets
 
 
@@ -331,13 +335,14 @@ class _SampleStatsWorker:
         if config.fid_reference is not None:
             self.extractor = fid.load_inception(config.inception_weights, device=self.device)
         self.data_reference = exact_moments(self.model, config)
-        if self.extractor is None and self.data_reference is None:
-            raise ValueError("EvaluationConfig.fid_reference is required: this model has no known data moments "
-                             "(only the unconditional or class-conditional Gaussian mixture has)")
         self.grids = [target.grid(self.model.schedule) for target in targets]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, requests: pa.Table) -> pa.Table:
+        if self.extractor is None and self.data_reference is None:  # raised here, not in __init__, to reach the
+            raise ValueError(                                         # caller as itself rather than as a dead actor
+                "EvaluationConfig.fid_reference is required: this model has no known data moments (only the "
+                "unconditional or class-conditional Gaussian mixture has); give FID reference statistics")
         columns = requests.to_pydict()
         rows_of = defaultdict(list)
         for row, target in enumerate(columns["target"]):
@@ -352,23 +357,33 @@ class _SampleStatsWorker:
 
     def _partial(self, target: int, sample_index: list[int], seeds: list[int],
                  conditions: list[ConditionValue] | None) -> _Partial:
+        """Solve one schedule's samples ``device_batch_size`` at a time, reducing each chunk right away."""
+        features = None if self.extractor is None else self.fid.FeatureStatsAccumulator()
+        data = None if self.data_reference is None else self.fid.FeatureStatsAccumulator(self.data_reference.dim)
+        grid_index, grid = [], []
+        step = self.config.device_batch_size
+        for start in range(0, len(seeds), step):
+            rows = slice(start, start + step)
+            x = self._solve(target, seeds[rows], None if conditions is None else conditions[rows])
+            if features is not None:
+                features.add_images(x, self.extractor)
+            if data is not None:
+                data.update(x.flatten(1))
+            shown = [i for i, s in enumerate(sample_index[rows]) if s < self.config.grid_size**2]
+            if shown and _is_image_batch(x):
+                grid_index += [sample_index[rows][i] for i in shown]
+                grid.append(self.fid.to_uint8(x[shown]).cpu())
+        return _Partial(target, len(seeds), self.node_id, features, data, self.data_reference, grid_index,
+                        torch.cat(grid) if grid else None)
+
+    def _solve(self, target: int, seeds: list[int], conditions: list[ConditionValue] | None) -> Tensor:
+        """``decode(Solver(sigma_0 z))`` for the latents of ``seeds`` on the grid of schedule ``target``."""
         schedule = self.targets[target]
         sigmas, sigmas_eval = self.grids[target]
         z = latents_from_seeds(seeds, self.model.shape, self.dtype, self.device)
         cond = None if conditions is None else self.model.encode_condition(conditions, self.device)
-        x = sample(self.model.denoiser, schedule.solver, schedule.order, sigmas, z, sigmas_eval=sigmas_eval, cond=cond,
-                   decode=self.model.decode, batch_size=self.config.batch_size)
-        features = data = None
-        if self.extractor is not None:
-            features = self.fid.FeatureStatsAccumulator()
-            features.add_images(x, self.extractor)
-        if self.data_reference is not None:
-            data = self.fid.FeatureStatsAccumulator(x[0].numel())
-            data.update(x.flatten(1))
-        shown = [i for i, s in enumerate(sample_index) if s < self.config.grid_size**2] if _is_image_batch(x) else []
-        grid = self.fid.to_uint8(x[shown]).cpu() if shown else None
-        return _Partial(target, len(seeds), self.node_id, features, data, self.data_reference,
-                        [sample_index[i] for i in shown], grid)
+        return sample(self.model.denoiser, schedule.solver, schedule.order, sigmas, z, sigmas_eval=sigmas_eval,
+                      cond=cond, decode=self.model.decode, batch_size=len(seeds))
 
 
 def _request_blocks(targets: Sequence[ScheduleTarget], config: EvaluationConfig) -> list[pa.Table]:
@@ -432,6 +447,16 @@ def _finish(target: ScheduleTarget, totals: _Totals, reference: FeatureStats | N
     return ScheduleEvaluation(target, metrics, feature_stats, data_stats, grid, tuple(sorted(totals.nodes)))
 
 
+def _partials(dataset: ray.data.Dataset) -> Iterator[_Partial]:
+    """The workers' partial results as they arrive; an exception raised by worker code is re-raised as itself."""
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for blob in batch.column("partial").to_pylist():
+                yield pickle.loads(blob)
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from err
+
+
 def evaluate_schedules(
     spec: ModelSpec,
     targets: Sequence[ScheduleTarget],
@@ -462,17 +487,15 @@ def evaluate_schedules(
         num_gpus=config.num_gpus_per_actor,
     )
     # Start every actor before the first batch, so that the work spreads over all of them (and their nodes)
-    # however small the evaluation; errors raised by the worker code reach the caller unwrapped.
+    # however small the evaluation; errors raised by the worker code are not wrapped by Ray Data.
     dataset.context.wait_for_min_actors_s = config.actor_start_timeout_s
     dataset.context.raise_original_map_exception = True
     totals = [_Totals() for _ in targets]
     total = len(targets) * config.num_samples
     with tqdm(total=total, unit="sample", desc=f"evaluating {len(targets)} schedules", disable=not show_progress) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for blob in batch.column("partial").to_pylist():
-                part: _Partial = pickle.loads(blob)
-                totals[part.target].add(part)
-                bar.update(part.count)
+        for part in _partials(dataset):
+            totals[part.target].add(part)
+            bar.update(part.count)
     for target, merged in zip(targets, totals):
         if merged.count != config.num_samples:
             raise RuntimeError(f"{target.label}: the actors returned {merged.count} of {config.num_samples} samples")

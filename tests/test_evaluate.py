@@ -39,12 +39,13 @@ from pipeline.evaluate import (
     targets_from_exports,
 )
 from pipeline.export import build_export, load_schedule, save_export
-from pipeline.models import ModelSpec, gmm_spec, register_model_builder
+from pipeline.models import ModelSpec, build_gmm, gmm_spec, register_model_builder
 from pipeline.tracking import StudyTracker, TrialLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402
 
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # builders defined here reach the Ray actors
 SPEC = gmm_spec(seed=0)
 IDENTITY = {"model": SPEC.model_id, "solver": "euler", "order": 1, "nfe": 4, "teacher_cache_key": "k" * 64}
 N = 200  # above the GMM's data dimension 3*8*8 = 192, so the data covariance has full rank
@@ -83,7 +84,8 @@ def targets(study_runs):
 @pytest.fixture(scope="module")
 def evaluated(local_ray, targets):
     """All samples of each schedule in one batch on one actor, float64."""
-    config = EvaluationConfig(num_samples=N, batch_size=N, concurrency=1, grid_size=3, baselines=("edm_rho",))
+    config = EvaluationConfig(num_samples=N, batch_size=N, device_batch_size=N, concurrency=1, grid_size=3,
+                              baselines=("edm_rho",))
     return evaluate_schedules(SPEC, targets, config, dtype=torch.float64, show_progress=False)
 
 
@@ -95,8 +97,8 @@ def test_targets_from_exports_find_the_baseline_runs_of_the_cell(study_runs, tar
 
 
 def test_statistics_do_not_depend_on_the_split_and_match_an_in_process_computation(evaluated, targets):
-    split = evaluate_schedules(SPEC, targets, replace(evaluated.config, batch_size=37, concurrency=2),
-                               dtype=torch.float64, show_progress=False)
+    config = replace(evaluated.config, batch_size=37, device_batch_size=8, concurrency=2)
+    split = evaluate_schedules(SPEC, targets, config, dtype=torch.float64, show_progress=False)
     for whole, parts in zip(evaluated.schedules, split.schedules):
         assert parts.metrics["eval_num_samples"] == whole.metrics["eval_num_samples"] == N
         torch.testing.assert_close(parts.data_stats.mu, whole.data_stats.mu, rtol=1e-12, atol=1e-14)
@@ -238,6 +240,19 @@ def test_seeds_overlapping_the_teachers_are_rejected():
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         EvaluationConfig(**overrides)
+
+
+def _opaque_gmm(*, device, dtype):
+    """The GMM behind a plain function: a model whose data moments the evaluation cannot know."""
+    model = build_gmm(device=device, dtype=dtype)
+    return replace(model, denoiser=lambda x, sigma, cond=None: model.denoiser(x, sigma, cond))
+
+
+def test_a_model_without_known_moments_needs_fid_reference_statistics(local_ray):
+    register_model_builder("eval-test-opaque", _opaque_gmm, replace=True)
+    with pytest.raises(ValueError, match="fid_reference is required"):  # raised on the worker, re-raised as itself
+        evaluate_schedules(ModelSpec("eval-test-opaque", "opaque"), [TARGET], EvaluationConfig(num_samples=4, batch_size=2),
+                           show_progress=False)
 
 
 def test_a_learned_target_needs_its_grid():

@@ -124,7 +124,8 @@ def test_teacher_study_and_evaluation_spread_over_two_nodes(cluster_nodes, track
     assert cell.best is not None and cell.export_path is not None
 
     client = MlflowClient(tracking_uri)
-    trials = client.search_runs([result.experiment_id], f"tags.kind = 'trial' and tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    trials = client.search_runs([result.experiment_id],
+                                f"tags.kind = 'trial' and tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(trials) == study.num_trials
     assert {run.data.tags["ray_node_id"] for run in trials} == cluster_nodes  # both trials ran at once, one per node
     assert {run.data.tags["device"] for run in trials} == {"cpu"}  # a declared GPU without CUDA falls back
