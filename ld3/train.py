@@ -58,7 +58,7 @@ class LD3Config:
     rounds_v1: int = 2  # phase-1 rounds: only ξ trained
     rounds_v2: int = 5  # phase-2 rounds: ξ and ξᶜ (reference: 3 for latent models)
     train_batch_size: int = 2  # reference: 2 pixel, 1 latent
-    val_batch_size: int = 150  # batch of validation solves; early checks use only the first batch
+    val_batch_size: int = 25  # batch of validation solves; early checks use only the first batch (reference scripts: 25)
     lr1: float = 0.005  # RMSprop on ξ
     momentum1: float = 0.9  # RMSprop momentum
     lr2: float | None = None  # SGD on ξᶜ; None -> 0.1 / N (latent models: 0.001 / N)
