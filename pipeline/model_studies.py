@@ -58,7 +58,7 @@ def pixel_study(name: str, model: ModelSpec) -> StudyConfig:
         num_trials=16,
         max_concurrent=4,
         gpus_per_trial=0.25,  # four small-network trials share a GPU
-        asha_grace_period=50,  # two rounds of 25 steps
+        asha_grace_epochs=2.0,  # phase 1 (two rounds)
     )
 
 
@@ -83,7 +83,7 @@ def latent_study(name: str, model: ModelSpec) -> StudyConfig:
         num_trials=12,
         max_concurrent=2,
         gpus_per_trial=0.5,
-        asha_grace_period=100,  # two rounds of 50 steps
+        asha_grace_epochs=2.0,  # phase 1 (two rounds)
         eval_batch_size=10,
     )
 
@@ -103,7 +103,7 @@ def smoke_variant(study: StudyConfig) -> StudyConfig:
         num_trials=2,
         max_concurrent=2,
         gpus_per_trial=0.0,
-        asha_grace_period=4,
+        asha_grace_epochs=1.0,
         eval_batch_size=8,
     )
 

@@ -55,7 +55,9 @@ from pipeline.tracking import StudyTracker, TrackingContext, TrialLogger
 
 log = logging.getLogger(__name__)
 
+INITS = ("uniform", "best_baseline")
 OBJECTIVE = "objective"  # what Optuna and ASHA minimise: best validation loss so far, then the final one
+EPOCH = "epoch"  # ASHA's clock: passes over the training data (comparable across train batch sizes)
 FD_SEED_OFFSET = 1_000_000  # seeds of the samples used for data-space metrics, disjoint from teacher seeds
 
 
@@ -96,6 +98,8 @@ class SearchSpace:
     rounds_v2: tuple[int, int] = (2, 6)
     modes: tuple[str, ...] = ("lambda", "time")
     train_batch_sizes: tuple[int, ...] = (1, 2, 4)
+    # Start of ξ: "uniform" (SPEC: ξ = 1, uniform in the mode's space) or the cell's best baseline grid.
+    inits: tuple[str, ...] = ("uniform", "best_baseline")
 
     def __post_init__(self) -> None:
         for name in ("slack_coef", "lr1", "lr2_coef"):
@@ -106,8 +110,10 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.win_rate must lie in (0, 0.5], got {self.win_rate}")
         if not 0 <= self.rounds_v1[0] <= self.rounds_v1[1] or not 0 <= self.rounds_v2[0] <= self.rounds_v2[1]:
             raise ValueError("SearchSpace.rounds_v1/rounds_v2 must be (low, high) with 0 <= low <= high")
-        if not self.decoupled or not self.modes or not self.train_batch_sizes:
-            raise ValueError("SearchSpace.decoupled, modes and train_batch_sizes need at least one choice each")
+        if not self.decoupled or not self.modes or not self.train_batch_sizes or not self.inits:
+            raise ValueError("SearchSpace.decoupled, modes, train_batch_sizes and inits need at least one choice each")
+        if not set(self.inits) <= set(INITS):
+            raise ValueError(f"SearchSpace.inits must be chosen from {INITS}, got {self.inits}")
 
     def suggest(self, trial: optuna.Trial) -> None:
         """Optuna define-by-run space; lr2 and win_rate exist only when decoupling is on."""
@@ -120,11 +126,23 @@ class SearchSpace:
         trial.suggest_int("rounds_v2", *self.rounds_v2)
         trial.suggest_categorical("mode", list(self.modes))
         trial.suggest_categorical("train_batch_size", list(self.train_batch_sizes))
+        trial.suggest_categorical("init", list(self.inits))
+
+    @property
+    def max_epochs(self) -> int:
+        """The most passes over the training data a trial can make (ASHA's max_t)."""
+        return self.rounds_v1[1] + self.rounds_v2[1]
 
 
-def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, n_steps: int) -> LD3Config:
-    """A trial's sampled hyperparameters -> the trainer's config (Tune's dict becomes a dataclass here)."""
+def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, n_steps: int,
+                              best_baseline: str | None = None) -> LD3Config:
+    """A trial's sampled hyperparameters -> the trainer's config (Tune's dict becomes a dataclass here).
+
+    ``init="best_baseline"`` starts ξ at ``best_baseline`` (SPEC.md: optional prior initialisation)."""
     decoupled = bool(params["decoupled"])
+    init = params.get("init", "uniform")
+    if init == "best_baseline" and best_baseline is None:
+        raise ValueError("init='best_baseline' needs the name of the cell's best baseline")
     overrides: dict[str, Any] = {
         "slack_radius": None,
         "slack_coef": float(params["slack_coef"]),
@@ -134,6 +152,7 @@ def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, n_step
         "rounds_v2": int(params["rounds_v2"]),
         "mode": str(params["mode"]),
         "train_batch_size": int(params["train_batch_size"]),
+        "init_prior": best_baseline if init == "best_baseline" else base.init_prior,
     }
     if decoupled:
         overrides["lr2"] = float(params["lr2_coef"]) / n_steps
@@ -152,6 +171,7 @@ def reference_point(base: LD3Config, space: SearchSpace, n_steps: int) -> dict[s
         "rounds_v2": base.rounds_v2,
         "mode": base.mode,
         "train_batch_size": base.train_batch_size,
+        "init": "uniform",
     }
     if base.decoupled:
         point.update(lr2_coef=lr2 * n_steps, win_rate=base.win_rate)
@@ -164,7 +184,8 @@ def _clip_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
         if name in clipped:
             low, high = getattr(space, name)
             clipped[name] = min(max(clipped[name], low), high)
-    for name, choices in (("decoupled", space.decoupled), ("mode", space.modes), ("train_batch_size", space.train_batch_sizes)):
+    for name, choices in (("decoupled", space.decoupled), ("mode", space.modes),
+                          ("train_batch_size", space.train_batch_sizes), ("init", space.inits)):
         if clipped[name] not in choices:
             clipped[name] = choices[0]
     if not clipped["decoupled"]:
@@ -192,7 +213,7 @@ class StudyConfig:
     max_concurrent: int = 2  # trials running at once per cell
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractions share a GPU between trials
-    asha_grace_period: int = 40  # training steps every trial runs before ASHA may stop it
+    asha_grace_epochs: float = 2.0  # passes over the training data every trial makes before ASHA may stop it
     asha_reduction_factor: int = 3
     fd_samples: int = 2000  # samples for the exact data-space Fréchet distance (GMM models only)
     eval_batch_size: int = 256
@@ -214,6 +235,8 @@ class StudyConfig:
                 f"num_train + num_validation = {self.num_train + self.num_validation} exceeds the teacher's "
                 f"num_samples = {self.teacher.num_samples}; raise TeacherConfig.num_samples"
             )
+        if self.asha_grace_epochs <= 0 or self.asha_reduction_factor < 2:
+            raise ValueError("StudyConfig.asha_grace_epochs must be > 0 and asha_reduction_factor >= 2")
         if self.num_trials < 1 or self.max_concurrent < 1:
             raise ValueError("StudyConfig.num_trials and max_concurrent must be >= 1")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
@@ -288,6 +311,7 @@ class CellContext:
     cache_key: str
     tracking: TrackingContext
     build_model: Callable[..., LoadedModel]  # the model's builder, resolved in the driver (ModelSpec.resolve)
+    best_baseline: str | None = None  # set once the cell's baselines are evaluated
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -372,21 +396,22 @@ def evaluate_baselines(ctx: CellContext, names: Sequence[str]) -> tuple[dict[str
 class _TrialReporter(Callback):
     """Trainer callback: per-step metrics to MLflow (batched) and to Tune (for ASHA)."""
 
-    def __init__(self, run: TrialLogger):
-        self.run = run
+    def __init__(self, run: TrialLogger, steps_per_epoch: int):
+        self.run, self.steps_per_epoch = run, steps_per_epoch
 
     def on_step(self, m: StepMetrics) -> None:
         metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "best_val_loss": m.best_val_loss,
                    "lr1": m.lr1, "lr2": m.lr2, "shift_lr": m.shift_lr, "accepted_fraction": m.accepted_fraction}
         self.run.log_metrics(metrics, m.step)
-        tune.report({OBJECTIVE: m.best_val_loss, "step": m.step, "phase": m.phase, **metrics})
+        tune.report({OBJECTIVE: m.best_val_loss, EPOCH: m.step / self.steps_per_epoch, "step": m.step,
+                     "phase": m.phase, **metrics})
 
 
 def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     """Ray Tune function trainable: one LD3 run with the sampled hyperparameters."""
     torch.set_num_threads(max(1, int(ctx.study.cpus_per_trial)))
     loaded = _load(ctx)
-    config = hyperparameters_to_config(params, ctx.study.trainer, ctx.n_steps)
+    config = hyperparameters_to_config(params, ctx.study.trainer, ctx.n_steps, ctx.best_baseline)
     trial_id = tune.get_context().get_trial_id() or "local"
     run = TrialLogger.start(ctx.tracking, kind="trial", key=trial_id, **ctx.identity,
                             params={**asdict(config), "n_steps": ctx.n_steps}, tags=placement_tags(loaded.device),
@@ -394,7 +419,7 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     try:
         result = train_ld3(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, loaded.model.schedule,
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
-                           callbacks=[_TrialReporter(run)])
+                           callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
     except TrainingDiverged as err:
         run.set_tags({"failure": str(err)})
         run.end("FAILED")
@@ -466,8 +491,10 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
         points_to_evaluate=[reference_point(study.trainer, study.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=max(2, study.num_trials // 3)),
     )
-    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=study.asha_grace_period,
-                              reduction_factor=study.asha_reduction_factor, max_t=100_000)
+    scheduler = ASHAScheduler(time_attr=EPOCH, grace_period=study.asha_grace_epochs,
+                              reduction_factor=study.asha_reduction_factor,
+                              max_t=max(study.search.max_epochs, study.asha_grace_epochs),
+                              stop_last_trials=False)  # a trial at max_t still reports its final metrics
     storage, name = os.path.split(path.rstrip("/"))
     return tune.Tuner(
         trainable,
@@ -504,6 +531,7 @@ def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTrack
 def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef) -> CellResult:
     study, solver, nfe = ctx.study, ctx.solver, ctx.nfe
     baselines, schedule = ray.get(baselines_ref)
+    ctx = replace(ctx, best_baseline=min(baselines, key=lambda name: baselines[name]["final_val_loss"]))
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
     log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
              study.num_trials, study.max_concurrent, path)
@@ -545,7 +573,8 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
                                 tags={"model": study.model.model_id})
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=options.address, num_cpus=options.num_cpus if options.address is None else None,
+        # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
+        ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     status = "FAILED"
     try:

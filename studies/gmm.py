@@ -32,7 +32,7 @@ STUDY = StudyConfig(
     trainer=LD3Config(loss="l2"),
     num_trials=8,
     max_concurrent=2,
-    asha_grace_period=40,
+    asha_grace_epochs=2.0,  # phase 1 (two rounds) before ASHA may stop a trial
     fd_samples=2000,
 )
 
@@ -51,7 +51,7 @@ def make_config(args: argparse.Namespace) -> StudyConfig:
         trainer=replace(STUDY.trainer, rounds_v1=1, rounds_v2=1),
         search=SearchSpace(rounds_v1=(1, 1), rounds_v2=(1, 1)),
         num_trials=2,
-        asha_grace_period=5,
+        asha_grace_epochs=1.0,
         fd_samples=400,
     )
 

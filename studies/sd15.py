@@ -32,7 +32,7 @@ STUDY = replace(
     trainer=replace(_LATENT.trainer, val_batch_size=5),
     search=replace(_LATENT.search, train_batch_sizes=(1,)),
     gpus_per_trial=1.0,
-    asha_grace_period=50,  # two rounds of 25 steps
+    asha_grace_epochs=2.0,  # phase 1 (two rounds)
     eval_batch_size=5,
 )
 SCRIPT = ModelStudy(
