@@ -34,6 +34,7 @@ from pipeline.evaluate import (
     ScheduleTarget,
     check_evaluation,
     evaluate_schedules,
+    exact_moments,
     format_evaluation_table,
     record_evaluation,
     targets_from_exports,
@@ -166,7 +167,7 @@ def reference_file(tmp_path_factory) -> Path:
 
 
 def test_fid_path_with_random_inception_weights(local_ray, inception_file, reference_file):
-    config = EvaluationConfig(num_samples=4, batch_size=2, grid_size=0, fid_reference=str(reference_file),
+    config = EvaluationConfig(num_samples=2, batch_size=1, grid_size=0, fid_reference=str(reference_file),
                               inception_weights=str(inception_file))
     target = ScheduleTarget(SPEC.model_id, "euler", 1, 4, "edm_rho")
     with pytest.warns(UserWarning, match="below the feature dimension 2048"):
@@ -272,3 +273,19 @@ def test_cli_flags_turn_the_evaluation_stage_on():
     evaluation = apply_overrides(base, args).evaluation
     assert (evaluation.num_samples, evaluation.fid_reference, evaluation.concurrency) == (1000, "ref.npz", 3)
     assert evaluation.num_gpus_per_actor == 0.5  # a trial's resources
+
+
+# --- exact moments of what a class-conditional evaluation samples ----------------------------------------
+
+
+def test_exact_moments_of_cycled_class_conditions_match_monte_carlo():
+    model = SPEC.build(dtype=torch.float64)
+    config = EvaluationConfig(num_samples=30_000, conditions=(0, 1, 1))  # classes 0 and 1 in proportion 1:2
+    moments = exact_moments(model, config)
+    classes = torch.tensor([config.sample_condition(i) for i in range(config.num_samples)])
+    draws = model.denoiser.sample(config.num_samples, torch.Generator().manual_seed(0), cond=classes).flatten(1)
+    torch.testing.assert_close(draws.mean(0), moments.mu, rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.cov(draws.T), moments.sigma, rtol=0, atol=0.02)
+    single = exact_moments(model, replace(config, conditions=(2,)))
+    torch.testing.assert_close(single.sigma, model.denoiser.covariance(2))
+    assert exact_moments(model, replace(config, conditions=("a prompt",))) is None

@@ -63,7 +63,7 @@ def mlflow_server(tmp_path_factory):
     yield process, f"http://127.0.0.1:{port}", root / "server.log"
     os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn worker form their own process group
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
