@@ -226,7 +226,7 @@ class LD3Result:
     steps: int  # training steps run
     max_slack_distance: float  # max ‖z' − z‖₂ over all latents at the end (≤ slack radius)
     stop_reason: str  # "completed", "lr2_floor" or "stopped: <message>"
-    wall_time_s: float
+    wall_time_s: float  # training rounds, without the final evaluation
     hyperparameters: DerivedHyperparameters
     history: tuple[StepMetrics, ...] = field(repr=False)
 
@@ -531,8 +531,7 @@ class _Run:
             phase=self.phase, round=self.round, step=self.step, train_loss=train_loss, val_loss=val_loss,
             best_val_loss=self.best.val_loss, lr1=self.opt1.param_groups[0]["lr"], lr2=self.opt2.param_groups[0]["lr"],
             shift_lr=self.shift_lr, accepted_fraction=accepted, max_slack_distance=self._max_slack_distance(),
-            val_on_all=self.val_on_all,
-            sigmas=sigmas, sigmas_eval=sigmas_eval,
+            val_on_all=self.val_on_all, sigmas=sigmas, sigmas_eval=sigmas_eval,
         )
         self.history.append(metrics)
         for cb in self.callbacks:
@@ -550,6 +549,19 @@ class _Run:
         except StopTraining as stop:  # callbacks run only after the first best state exists
             return f"stopped: {stop}" if str(stop) else "stopped"
         return "completed"
+
+
+    def result(self, stop_reason: str, n_fe: int | None, wall_time_s: float) -> LD3Result:
+        """The best state, scored on the ORIGINAL validation latents (no slack)."""
+        self._reload_best()
+        sigmas, sigmas_eval = self._schedule()
+        final = self._mean_loss(self.val, self.val.z, len(self.val))
+        self._require_finite(final, "the final validation loss")
+        return LD3Result(
+            sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=self.best.val_loss, final_val_loss=final,
+            n_steps=self.disc.n_steps, nfe=n_fe, steps=self.step, max_slack_distance=self._max_slack_distance(),
+            stop_reason=stop_reason, wall_time_s=wall_time_s, hyperparameters=self.hp, history=tuple(self.history),
+        )
 
 
 def train_ld3(
@@ -605,12 +617,4 @@ def train_ld3(
                _as_callbacks(callbacks), n_steps)
     start = time.perf_counter()
     reason = run.run()
-    run._reload_best()
-    sigmas, sigmas_eval = run._schedule()
-    final = run._mean_loss(val, val.z, len(val))
-    run._require_finite(final, "the final validation loss")
-    return LD3Result(
-        sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=run.best.val_loss, final_val_loss=final,
-        n_steps=n_steps, nfe=n_fe, steps=run.step, max_slack_distance=run._max_slack_distance(), stop_reason=reason,
-        wall_time_s=time.perf_counter() - start, hyperparameters=run.hp, history=tuple(run.history),
-    )
+    return run.result(reason, n_fe, time.perf_counter() - start)
