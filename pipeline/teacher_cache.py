@@ -54,6 +54,7 @@ from .cache_store import (
     sha256_hex,
     write_parquet_part,
 )
+from .devices import worker_device
 from .models import ConditionValue, ModelSpec
 from .teacher import TeacherBatch, TeacherConfig, solve_teacher
 
@@ -156,7 +157,7 @@ class _TeacherWorker:
     """Ray Data actor: builds the model once, then solves and writes one Parquet part per batch."""
 
     def __init__(self, build: Any, config: TeacherConfig, filesystem: pafs.FileSystem, folder: str):
-        self.device = torch.device("cuda" if config.num_gpus_per_actor > 0 else "cpu")
+        self.device = worker_device(config.num_gpus_per_actor)
         self.model = build(device=self.device, dtype=config.torch_dtype)
         self.config = config
         self.filesystem = filesystem
