@@ -27,9 +27,11 @@ from dataclasses import asdict
 import torch
 
 from ld3.discretizations import BASELINES, edm_rho
+from ld3.losses import l2_loss
 from ld3.models.gmm import default_gmm
 from ld3.schedules import EDMSchedule
-from ld3.solvers import get_solver, solver_steps_for_nfe
+from ld3.sampling import sample, schedule_loss
+from ld3.solvers import solver_steps_for_nfe
 from ld3.train import LD3Config, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 
@@ -48,15 +50,11 @@ class CountingDenoiser:
 
 def teacher_pairs(gmm, schedule, seeds, dtype) -> TeacherData:
     z = latents_from_seeds(seeds, gmm.shape, dtype)
-    with torch.no_grad():
-        y = get_solver("unipc_bh1")(gmm, schedule.sigma_max * z, edm_rho(20, schedule), order=3)
-    return TeacherData(z, y)
+    return TeacherData(z, sample(gmm, "unipc_bh1", 3, edm_rho(20, schedule), z))
 
 
-def val_rmse(gmm, schedule, solver, order, val, sigmas, sigmas_eval=None) -> float:
-    with torch.no_grad():
-        out = get_solver(solver)(gmm, schedule.sigma_max * val.z, sigmas, sigmas_eval, order=order)
-    return float((out - val.y).pow(2).mean().sqrt())
+def val_rmse(gmm, solver, order, val, sigmas, sigmas_eval=None) -> float:
+    return schedule_loss(gmm, solver, order, sigmas, val.z, val.y, l2_loss, sigmas_eval=sigmas_eval) ** 0.5
 
 
 def bench(args, dtype_name: str) -> dict:
@@ -66,7 +64,7 @@ def bench(args, dtype_name: str) -> dict:
     val = teacher_pairs(gmm, schedule, range(100_000, 100_000 + args.n_val), dtype)
     config = LD3Config(train_batch_size=args.batch_size, rounds_v1=args.rounds[0], rounds_v2=args.rounds[1])
     n_steps = solver_steps_for_nfe(args.solver, args.nfe)
-    baselines = {name: val_rmse(gmm, schedule, args.solver, args.order, val, grid(n_steps, schedule))
+    baselines = {name: val_rmse(gmm, args.solver, args.order, val, grid(n_steps, schedule))
                  for name, grid in BASELINES.items()}
     walls, result, counter = [], None, None
     for _ in range(args.repeats):
@@ -74,7 +72,7 @@ def bench(args, dtype_name: str) -> dict:
         start = time.perf_counter()
         result = train_ld3(counter, args.solver, args.order, schedule, train, val, config, nfe=args.nfe)
         walls.append(time.perf_counter() - start)
-    learned = val_rmse(gmm, schedule, args.solver, args.order, val, result.sigmas, result.sigmas_eval)
+    learned = val_rmse(gmm, args.solver, args.order, val, result.sigmas, result.sigmas_eval)
     return {
         "recipe": {"solver": args.solver, "order": args.order, "nfe": args.nfe, "n_train": args.n_train,
                    "n_val": args.n_val, "dtype": dtype_name, "threads": torch.get_num_threads(), "config": asdict(config)},

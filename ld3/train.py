@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ld3.cuda_graphs import GraphedSolver
 from ld3.discretizations import BASELINES, LearnableDiscretization
 from ld3.losses import LOSS_NAMES, LossFn, get_loss
+from ld3.sampling import schedule_loss, solve_from_latents
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import get_solver, solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
@@ -334,7 +335,6 @@ class _Run:
         self.denoiser, self.solver, self.order = denoiser, solver, order
         self.train, self.val, self.config, self.hp = train, val, config, derived
         self.decode, self.loss_fn, self.callbacks = decode, loss_fn, callbacks
-        self.sigma_max = float(schedule.sigma_max)
         device, dtype = train.z.device, train.z.dtype
         self.disc = LearnableDiscretization(n_steps, schedule, mode=config.mode, decoupled=config.decoupled,
                                             win_rate=config.win_rate, device=device,
@@ -365,11 +365,8 @@ class _Run:
 
     def _losses(self, z: Tensor, y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
         """Per-sample loss d(decode(solver(D, σ_max z, σ, σ_eval)), y) -> [B]."""
-        dtype = z.dtype
-        x = self.solver(self.denoiser, self.sigma_max * z, sigmas.to(dtype), sigmas_eval.to(dtype),
-                        order=self.order, cond=cond)
-        if self.decode is not None:
-            x = self.decode(x)
+        x = solve_from_latents(self.denoiser, self.solver, self.order, sigmas, z, sigmas_eval=sigmas_eval,
+                               cond=cond, decode=self.decode)
         losses = self.loss_fn(x, y)
         if losses.shape != (z.shape[0],):
             raise ValueError(f"loss_fn must return one loss per sample, shape ({z.shape[0]},), got {tuple(losses.shape)}")
@@ -453,12 +450,11 @@ class _Run:
     # ---- validation checks, best state, patience -------------------------------------------------
     @torch.no_grad()
     def _mean_loss(self, data: TeacherData, latents: Tensor, count: int) -> float:
+        """Mean per-sample loss of the current schedule on the first ``count`` samples."""
         sigmas, sigmas_eval = self.disc()
-        total = 0.0
-        for idx in torch.arange(count, device=latents.device).split(self.config.val_batch_size):
-            cond = None if data.cond is None else data.cond[idx]
-            total += float(self._losses(latents[idx], data.y[idx], cond, sigmas, sigmas_eval).sum())
-        return total / count
+        return schedule_loss(self.denoiser, self.solver, self.order, sigmas, latents[:count], data.y[:count],
+                             self.loss_fn, sigmas_eval=sigmas_eval, cond=None if data.cond is None else data.cond[:count],
+                             decode=self.decode, batch_size=self.config.val_batch_size)
 
     def _val_loss(self) -> float:
         count = len(self.val) if self.val_on_all else min(len(self.val), self.config.val_batch_size)
