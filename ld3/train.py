@@ -51,7 +51,7 @@ Solver = Callable[..., Tensor]
 class LD3Config:
     """Every knob of the LD3 trainer, with the reference defaults (pixel-space models).
 
-    For latent models the reference uses ``lr2 = 0.001 / N``, ``rounds_v2 = 3`` and
+    For latent models the reference uses ``lr2 = 0.001 / N`` (``lr2_coef = 0.001``), ``rounds_v2 = 3`` and
     ``train_batch_size = 1``: see ``LD3Config.for_latent_model``. Derived values (``lr2``,
     ``shift_lr``, ``slack_radius`` when None) come from ``derive(n_steps, latent_shape)``.
     """
@@ -62,7 +62,8 @@ class LD3Config:
     val_batch_size: int = 25  # batch of validation solves; early checks use only the first batch (reference scripts: 25)
     lr1: float = 0.005  # RMSprop on ξ
     momentum1: float = 0.9  # RMSprop momentum
-    lr2: float | None = None  # SGD on ξᶜ; None -> 0.1 / N (latent models: 0.001 / N)
+    lr2: float | None = None  # SGD on ξᶜ; None -> lr2_coef / N
+    lr2_coef: float = 0.1  # lr2 = lr2_coef / N when lr2 is None (reference: 0.1 pixel, 0.001 latent models)
     grad_clip: float = 1.0  # max gradient norm, each of ξ and ξᶜ
     shift_lr: float | None = None  # SGD on slack latents; None -> 12 / N
     shift_lr_decay: float = 0.5  # factor after a round that moved no validation latent
@@ -94,7 +95,8 @@ class LD3Config:
              "an integer >= 1 or None (train_batch_size)"),
             ("lr1", self.lr1 > 0, "> 0"),
             ("momentum1", 0 <= self.momentum1 < 1, "in [0, 1)"),
-            ("lr2", self.lr2 is None or self.lr2 > 0, "> 0 or None (0.1 / N)"),
+            ("lr2", self.lr2 is None or self.lr2 > 0, "> 0 or None (lr2_coef / N)"),
+            ("lr2_coef", self.lr2_coef > 0, "> 0"),
             ("grad_clip", self.grad_clip > 0, "> 0"),
             ("shift_lr", self.shift_lr is None or self.shift_lr >= 0, ">= 0 or None (12 / N)"),
             ("shift_lr_decay", 0 < self.shift_lr_decay <= 1, "in (0, 1]"),
@@ -119,16 +121,16 @@ class LD3Config:
             raise ValueError(f"LD3Config.init_prior must be a baseline name or a tuple of σ values, got {type(prior).__name__}")
 
     @classmethod
-    def for_latent_model(cls, n_steps: int, **overrides) -> "LD3Config":
+    def for_latent_model(cls, **overrides) -> "LD3Config":
         """The reference recipe for latent/SD models: lr2 = 0.001 / N, 3 phase-2 rounds, batch 1."""
-        return cls(**{"lr2": 0.001 / n_steps, "rounds_v2": 3, "train_batch_size": 1, **overrides})
+        return cls(**{"lr2_coef": 0.001, "rounds_v2": 3, "train_batch_size": 1, **overrides})
 
     def derive(self, n_steps: int, latent_shape: Sequence[int]) -> "DerivedHyperparameters":
         """Values the config leaves to N and the latent size (SPEC.md, "Objective and slack")."""
         size = math.prod(latent_shape)
         radius = self.slack_coef * size / n_steps**2 if self.slack_radius is None else self.slack_radius
         return DerivedHyperparameters(
-            lr2=0.1 / n_steps if self.lr2 is None else self.lr2,
+            lr2=self.lr2_coef / n_steps if self.lr2 is None else self.lr2,
             shift_lr=12.0 / n_steps if self.shift_lr is None else self.shift_lr,
             slack_radius=float(radius),
         )

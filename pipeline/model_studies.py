@@ -66,8 +66,7 @@ def latent_study(name: str, model: ModelSpec) -> StudyConfig:
     """The paper's recipe for latent and text-to-image models (decoded images in the loss).
 
     The teacher is UniPC bh2-3 with NFE 20 on a time-uniform grid (the latent models' usual spacing).
-    lr2 is 0.001 / N in the paper; the search covers [1e-4, 1e-2] / N. Note: the trainer's reference point
-    derives lr2 from ``LD3Config.lr2`` (None: 0.1 / N), so the first trial starts at the top of that range.
+    lr2 is 0.001 / N in the paper (the first trial's value); the search covers [1e-4, 1e-2] / N.
     """
     return StudyConfig(
         name=name,
@@ -78,7 +77,7 @@ def latent_study(name: str, model: ModelSpec) -> StudyConfig:
                               batch_size=10, num_gpus_per_actor=1.0),
         num_train=50,
         num_validation=50,
-        trainer=LD3Config(loss="lpips", rounds_v2=3, train_batch_size=1, val_batch_size=10),
+        trainer=LD3Config.for_latent_model(loss="lpips", val_batch_size=10),
         search=SearchSpace(lr2_coef=(1e-4, 1e-2), rounds_v2=(1, 5), train_batch_sizes=(1, 2)),
         num_trials=12,
         max_concurrent=2,

@@ -81,8 +81,8 @@ def test_config_defaults_and_derived_values_are_the_reference_recipe():
     assert (explicit.slack_radius, explicit.lr2, explicit.shift_lr) == (0.5, 0.2, 3.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr1 = 1.0  # type: ignore[misc]
-    latent = LD3Config.for_latent_model(5)
-    assert (latent.lr2, latent.rounds_v2, latent.train_batch_size) == (pytest.approx(0.0002), 3, 1)
+    latent = LD3Config.for_latent_model()
+    assert (latent.derive(5, (4, 8, 8)).lr2, latent.rounds_v2, latent.train_batch_size) == (pytest.approx(0.0002), 3, 1)
 
 
 @pytest.mark.parametrize(
