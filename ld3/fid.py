@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +48,7 @@ from torchvision.models.inception import (
 
 from ld3.losses import MissingWeightsError
 from ld3.metrics import frechet_distance
+from ld3.utils import atomic_write_bytes
 
 FEATURE_DIM = 2048  # pool3 features of Inception-v3
 INCEPTION_SIZE = 299  # input side length of the network
@@ -266,22 +266,7 @@ class FeatureStats:
             arrays["image_size"] = np.asarray(self.image_size)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        return _atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def _atomic_write_bytes(target: Path, data: bytes) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+        return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_stats(path: str | os.PathLike, *, dim: int | None = FEATURE_DIM) -> FeatureStats:

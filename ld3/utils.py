@@ -1,8 +1,11 @@
-"""Small shared helpers: per-sample seeded latents."""
+"""Small shared helpers: per-sample seeded latents, atomic file writes."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -30,3 +33,23 @@ def latents_from_seeds(
         gen.manual_seed(seed)
         out[i] = torch.randn(shape, generator=gen, dtype=torch.float64)
     return out.to(dtype=dtype, device=device)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    Readers see the old file or the new one, never a partial write; the folder is created if needed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ld3.utils import atomic_write_bytes
+
 
 def ensure_writable_dir(path: str | os.PathLike, argument: str) -> Path:
     """Create ``path`` if needed and prove it is writable by writing a probe file.
@@ -25,16 +27,5 @@ def ensure_writable_dir(path: str | os.PathLike, argument: str) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace."""
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``text`` (UTF-8) to ``path`` atomically (ld3.utils.atomic_write_bytes)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
