@@ -36,7 +36,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ld3.losses import MissingWeightsError
 from ld3.models.diffusers_models import (
-    DiffusersDenoiser,
     load_latent_diffusion,
     load_pixel_diffusion,
     schedule_from_scheduler_config,
