@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ld3.discretizations import get_baseline
-from ld3.solvers import get_solver, solver_steps_for_nfe
+from ld3.sampling import solve_from_latents
+from ld3.solvers import solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
 from ld3.utils import latents_from_seeds
 
@@ -180,10 +181,9 @@ def solve_teacher(
     z = latents_from_seeds(seeds, model.shape, config.torch_dtype, device)
     cond = None if conditions is None else model.encode_condition(list(conditions), device)
     recorder = _DenoiserCallRecorder(model.denoiser) if config.keep_trajectory else None
-    solver = get_solver(config.solver)
     with torch.no_grad():
-        x0 = solver(recorder or model.denoiser, float(sigmas[0]) * z, sigmas, order=config.order, cond=cond)
-        y = x0 if model.decode is None else model.decode(x0)
+        y = solve_from_latents(recorder or model.denoiser, config.solver, config.order, sigmas, z, cond=cond,
+                               decode=model.decode)
     if recorder is None:
         return TeacherBatch(z=z, y=y, trajectory=None, trajectory_sigmas=None)
     return TeacherBatch(
