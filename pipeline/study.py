@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from ld3.discretizations import BASELINES
-from ld3.losses import get_loss
+from ld3.losses import LossFn, get_loss
 from ld3.metrics import gmm_frechet_distance
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
@@ -325,6 +325,7 @@ class _Loaded:
     train: TeacherData
     val: TeacherData
     device: torch.device
+    loss_fn: LossFn  # built once per worker (LPIPS loads a VGG network), shared by training and metrics
 
 
 def _teacher_data(data: TeacherDataset, model: LoadedModel, device: torch.device) -> TeacherData:
@@ -344,7 +345,10 @@ def _load(ctx: CellContext) -> _Loaded:
     if entry is None:
         raise StudyError(f"teacher data {ctx.cache_key} vanished from {ctx.cache_root}; rerun the study to regenerate it")
     train, val = entry.load().split(ctx.study.num_train, ctx.study.num_validation)
-    return _Loaded(model, _teacher_data(train, model, device), _teacher_data(val, model, device), device)
+    loss_fn = get_loss(ctx.study.trainer.loss)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn = loss_fn.to(device)
+    return _Loaded(model, _teacher_data(train, model, device), _teacher_data(val, model, device), device, loss_fn)
 
 
 def baseline_grids(ctx: CellContext, schedule) -> dict[str, torch.Tensor]:
@@ -364,11 +368,8 @@ def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigma
 
 
 def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
-    loss_fn = get_loss(ctx.study.trainer.loss)
-    if isinstance(loss_fn, torch.nn.Module):
-        loss_fn = loss_fn.to(loaded.device)
     val_loss = schedule_loss(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, loaded.val.z, loaded.val.y,
-                             loss_fn, sigmas_eval=sigmas_eval, cond=loaded.val.cond, decode=loaded.model.decode,
+                             loaded.loss_fn, sigmas_eval=sigmas_eval, cond=loaded.val.cond, decode=loaded.model.decode,
                              batch_size=ctx.study.eval_batch_size)
     return {"final_val_loss": val_loss, **_data_metrics(ctx, loaded, sigmas, sigmas_eval)}
 
@@ -419,6 +420,7 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     try:
         result = train_ld3(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, loaded.model.schedule,
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
+                           loss_fn=loaded.loss_fn,
                            callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
     except TrainingDiverged as err:
         run.set_tags({"failure": str(err)})
