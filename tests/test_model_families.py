@@ -34,14 +34,14 @@ from pipeline.teacher import TeacherConfig, solve_teacher
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def private_cache_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         yield
-        torch.set_num_threads(threads)
 
 
 # ---- digests --------------------------------------------------------------------------------------

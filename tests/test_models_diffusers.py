@@ -89,13 +89,7 @@ def alpha(sigma) -> torch.Tensor:
     return torch.rsqrt(1 + torch.as_tensor(sigma, dtype=torch.float64) ** 2).float()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; on shared CI cores extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ ALL_SOLVER_ORDERS = [(name, order) for name, spec in SOLVER_SPECS.items() for or
 CONVERGENCE_STEPS = (80, 113, 160, 226, 320)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The GMM's tensors are tiny: intra-op threads only add overhead (and contend on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ TEACHER_NFE = 20
 SHORT = LD3Config(rounds_v1=1, rounds_v2=1)  # 2 rounds for behaviour tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These solves are small: extra intra-op threads only add overhead and oversubscribe a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
