@@ -88,8 +88,11 @@ def from_grid_space(grid: Tensor, schedule: NoiseSchedule, space: GridSpace) -> 
 
 
 def _pin_endpoints(sigmas: Tensor, sigma_max: float, sigma_min: float) -> Tensor:
-    """Replace the first/last entries by the exact range ends (no gradient flows to fixed endpoints)."""
-    return torch.cat([sigmas.new_tensor([sigma_max]), sigmas[1:-1], sigmas.new_tensor([sigma_min])])
+    """Replace the first/last entries by the exact range ends (no gradient flows to fixed endpoints).
+
+    The ends are filled on the device (``new_full``), not copied from the host: a host-to-device copy would
+    make every forward wait for the GPU's queue (see ``ld3.train``: one host sync per step)."""
+    return torch.cat([sigmas.new_full((1,), sigma_max), sigmas[1:-1], sigmas.new_full((1,), sigma_min)])
 
 
 def _grid_ends(schedule: NoiseSchedule, space: GridSpace, sigma_min: float, sigma_max: float) -> tuple[float, float]:

@@ -6,7 +6,7 @@ sample generation all go through :func:`solve_from_latents`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,6 +46,18 @@ def _rows(cond: Any, index: slice) -> Any:
     return None if cond is None else cond[index]
 
 
+def _solve_in_batches(denoiser: Denoiser, solver: str | Solver, order: int, sigmas: Tensor, z: Tensor,
+                      sigmas_eval: Tensor | None, cond: Any, decode: Callable[[Tensor], Tensor] | None,
+                      batch_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, decoded outputs) of :func:`solve_from_latents`, ``batch_size`` latents at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i in range(0, z.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        yield rows, solve_from_latents(denoiser, solver, order, sigmas, z[rows], sigmas_eval=sigmas_eval,
+                                       cond=_rows(cond, rows), decode=decode)
+
+
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
@@ -60,18 +72,12 @@ def sample(
     batch_size: int = 256,
 ) -> Tensor:
     """:func:`solve_from_latents` without gradients, ``batch_size`` latents at a time."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    outputs = [
-        solve_from_latents(denoiser, solver, order, sigmas, z[i : i + batch_size], sigmas_eval=sigmas_eval,
-                           cond=_rows(cond, slice(i, i + batch_size)), decode=decode)
-        for i in range(0, z.shape[0], batch_size)
-    ]
-    return torch.cat(outputs)
+    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size)
+    return torch.cat([outputs for _, outputs in batches])
 
 
 @torch.no_grad()
-def schedule_loss(
+def sample_losses(
     denoiser: Denoiser,
     solver: str | Solver,
     order: int,
@@ -84,14 +90,24 @@ def schedule_loss(
     cond: Any = None,
     decode: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
-) -> float:
-    """Mean per-sample loss ``d(ŷ, y)`` of a schedule on teacher pairs (z, y): the validation metric."""
+) -> Tensor:
+    """Per-sample losses ``d(ŷ, y)`` [M] of a schedule on teacher pairs (z, y), left on the device (no host sync)."""
     if z.shape[0] != y.shape[0]:
         raise ValueError(f"z and y must hold the same number of samples, got {z.shape[0]} and {y.shape[0]}")
-    total = 0.0
-    for i in range(0, z.shape[0], batch_size):
-        rows = slice(i, i + batch_size)
-        prediction = solve_from_latents(denoiser, solver, order, sigmas, z[rows], sigmas_eval=sigmas_eval,
-                                        cond=_rows(cond, rows), decode=decode)
-        total += float(loss_fn(prediction, y[rows]).sum())
-    return total / z.shape[0]
+    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size)
+    return torch.cat([loss_fn(outputs, y[rows]) for rows, outputs in batches])
+
+
+def schedule_loss(
+    denoiser: Denoiser,
+    solver: str | Solver,
+    order: int,
+    sigmas: Tensor,
+    z: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    **options: Any,
+) -> float:
+    """Mean per-sample loss of a schedule (:func:`sample_losses`, same options): the validation metric."""
+    losses = sample_losses(denoiser, solver, order, sigmas, z, y, loss_fn, **options)
+    return float(losses.to(torch.float64).mean())

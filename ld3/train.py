@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ld3.cuda_graphs import GraphedSolver
 from ld3.discretizations import BASELINES, LearnableDiscretization
 from ld3.losses import LOSS_NAMES, LossFn, get_loss
-from ld3.sampling import schedule_loss, solve_from_latents
+from ld3.sampling import sample_losses, solve_from_latents
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import get_solver, solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
@@ -83,6 +83,7 @@ class LD3Config:
     compile: bool = False  # torch.compile the denoiser
     cuda_graphs: bool = False  # replay solves + backward from CUDA graphs (ld3.cuda_graphs): same kernels, ~3x faster
     val_slack_batch_size: int | None = None  # batch of the validation slack pass; None -> train_batch_size (same steps)
+    val_solve_batch_size: int | None = None  # batch of the checks' no-grad solves; None -> val_batch_size (same losses)
     seed: int = 0  # order of training batches
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ class LD3Config:
             ("val_batch_size", self.val_batch_size >= 1, "an integer >= 1"),
             ("val_slack_batch_size", self.val_slack_batch_size is None or self.val_slack_batch_size >= 1,
              "an integer >= 1 or None (train_batch_size)"),
+            ("val_solve_batch_size", self.val_solve_batch_size is None or self.val_solve_batch_size >= 1,
+             "an integer >= 1 or None (val_batch_size)"),
             ("lr1", self.lr1 > 0, "> 0"),
             ("momentum1", 0 <= self.momentum1 < 1, "in [0, 1)"),
             ("lr2", self.lr2 is None or self.lr2 > 0, "> 0 or None (lr2_coef / N)"),
@@ -323,10 +326,6 @@ class _FunctionCallback(Callback):
         self.fn(metrics)
 
 
-def _cpu64(t: Tensor) -> Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64).clone()
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +353,9 @@ class _Run:
         self.best: BestSchedule | None = None
         self.history: list[StepMetrics] = []
         self.generator = torch.Generator().manual_seed(config.seed)
+        # Graph replays skip the solver's value checks (host syncs), so a NaN training loss is caught at the
+        # step's one sync instead of before the update; eager solves sync on their checks anyway.
+        self.solves_are_graphed = isinstance(solver, GraphedSolver) and train.z.is_cuda
 
     # ---- student -----------------------------------------------------------------------------
     def _init_from_prior(self, schedule: NoiseSchedule, n_steps: int) -> None:
@@ -393,15 +395,19 @@ class _Run:
         return accept
 
     def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor, sigmas: Tensor,
-                          sigmas_eval: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Steps 1 and 3-4 for one batch: loss (backpropagated) and the accepted mask.
+                          sigmas_eval: Tensor, weights: Tensor | None = None, *, what: str) -> tuple[Tensor, Tensor]:
+        """Steps 1 and 3-4 for one batch: loss (backpropagated) and the accepted mask, both on the device.
 
-        The loss is the batch mean, or ``sum(weights * losses)`` when per-sample weights are given."""
+        The loss is the batch mean, or ``sum(weights * losses)`` when per-sample weights are given. Eager
+        solves check it for NaN/Inf at once (they synchronise on their own value checks anyway, and would
+        reject the NaN latents of the slack step); graphed solves leave that to the caller's one sync per
+        step: a NaN loss then leaves NaN in ξ, never in the saved best state, and no slack step is accepted."""
         y = data.y[idx]
         cond = None if data.cond is None else data.cond[idx]
         z_leaf = store[idx].requires_grad_(self.hp.slack_radius > 0)
         losses = self._losses(z_leaf, y, cond, sigmas, sigmas_eval)
-        self._require_finite(losses, "the training loss")
+        if not self.solves_are_graphed:
+            self._require_finite(losses, what)
         loss = losses.mean() if weights is None else (weights * losses).sum()
         if loss.requires_grad:
             loss.backward()
@@ -410,17 +416,18 @@ class _Run:
         return loss.detach(), accept
 
     # ---- one training step (SPEC.md steps 1-4) ---------------------------------------------------
-    def _train_step(self, idx: Tensor) -> tuple[float, float]:
+    def _train_step(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 1-4 on one batch -> (batch loss, accepted fraction) as device scalars, with no host sync."""
         self.disc.xi.requires_grad_(True)
         self.disc.xi_c.requires_grad_(self.phase == 2 and self.config.decoupled)
         sigmas, sigmas_eval = self.disc()
-        loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval)
+        loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval, what="the training loss")
         for param, opt in ((self.disc.xi, self.opt1), (self.disc.xi_c, self.opt2)):
             if param.grad is not None:
                 torch.nn.utils.clip_grad_norm_(param, self.config.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return float(loss), float(accept.float().mean())
+        return loss, accept.float().mean()
 
     def _validation_slack_pass(self) -> bool:
         """Slack steps on the validation latents with the schedule fixed; True if any latent moved.
@@ -439,50 +446,68 @@ class _Run:
         weights = torch.cat([torch.full((n,), 1.0 / n) for n in chunk_sizes]).to(device, self.z_val.dtype)
         batch = self.config.val_slack_batch_size or self.config.train_batch_size
         moved = torch.zeros((), dtype=torch.bool, device=device)
+        losses = []
         for idx in torch.arange(count, device=device).split(batch):
-            _, accept = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx])
+            loss, accept = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx],
+                                                  what="the validation slack loss")
+            losses.append(loss)
             moved |= accept.any()
+        self._require_finite(torch.stack(losses), "the validation slack loss")
         return bool(moved)
 
-    def _max_slack_distance(self) -> float:
+    def _max_slack_distance(self) -> Tensor:
+        """max ‖z' − z‖₂ over all train and validation latents, a device scalar."""
         distances = [(slack - data.z).flatten(1).norm(dim=1).max() for slack, data in
                      ((self.z_train, self.train), (self.z_val, self.val))]
-        return float(torch.stack(distances).max())
+        return torch.stack(distances).max()
 
     # ---- validation checks, best state, patience -------------------------------------------------
     @torch.no_grad()
-    def _mean_loss(self, data: TeacherData, latents: Tensor, count: int) -> float:
-        """Mean per-sample loss of the current schedule on the first ``count`` samples."""
+    def _mean_loss(self, data: TeacherData, latents: Tensor, count: int) -> Tensor:
+        """Mean per-sample loss of the current schedule on the first ``count`` samples, a float64 device scalar."""
         sigmas, sigmas_eval = self.disc()
-        return schedule_loss(self.denoiser, self.solver, self.order, sigmas, latents[:count], data.y[:count],
-                             self.loss_fn, sigmas_eval=sigmas_eval, cond=None if data.cond is None else data.cond[:count],
-                             decode=self.decode, batch_size=self.config.val_batch_size)
+        losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, latents[:count], data.y[:count],
+                               self.loss_fn, sigmas_eval=sigmas_eval, cond=None if data.cond is None else data.cond[:count],
+                               decode=self.decode, batch_size=self.config.val_solve_batch_size or self.config.val_batch_size)
+        return losses.to(torch.float64).mean()
 
-    def _val_loss(self) -> float:
+    def _val_loss(self) -> Tensor:
+        """The validation check's loss (first validation batch, or all once ``val_on_all``), on the device."""
         count = len(self.val) if self.val_on_all else min(len(self.val), self.config.val_batch_size)
-        loss = self._mean_loss(self.val, self.z_val, count)
-        self._require_finite(loss, "the validation loss")
-        return loss
+        return self._mean_loss(self.val, self.z_val, count)
 
-    def _schedule(self) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            sigmas, sigmas_eval = self.disc()
-        return _cpu64(sigmas), _cpu64(sigmas_eval)
+    @torch.no_grad()
+    def _to_host(self, *scalars: Tensor) -> tuple[list[float], Tensor, Tensor]:
+        """Device scalars and the current (σ, σ_eval), copied to the CPU in ONE host synchronisation.
 
-    def _check(self) -> float:
+        The trainer reads the GPU only here, once per step, so between two checks the host queues the
+        next step's kernels while the device still runs the last ones."""
+        sigmas, sigmas_eval = self.disc()
+        n = sigmas.numel()
+        packed = torch.cat([torch.stack([t.detach().to(torch.float64) for t in scalars]),
+                            sigmas.to(torch.float64), sigmas_eval.to(torch.float64)]).cpu()
+        values = packed[: len(scalars)].tolist()
+        tail = packed[len(scalars):]
+        return values, tail[:n].clone(), tail[n:].clone()
+
+    def _check(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
         """Validation check: track the best state; after ``patience`` misses reload it (and decay)."""
-        loss = self._val_loss()
+        self._require_finite(loss, "the validation loss")
         if self.best is None or loss < self.best.val_loss:
-            self._save_best(loss)
+            self._save_best(loss, sigmas, sigmas_eval)
         else:
             self.count_worse += 1
             if self.count_worse >= self.config.patience:
                 self._reload_best_and_decay()
-        return loss
 
-    def _save_best(self, loss: float) -> None:
+    def _check_now(self) -> None:
+        """A validation check outside a training step (round start)."""
+        (loss,), sigmas, sigmas_eval = self._to_host(self._val_loss())
+        self._check(loss, sigmas, sigmas_eval)
+
+    def _save_best(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
-        self.best = BestSchedule(self.step, loss, *self._schedule())
+        self.best = BestSchedule(self.step, loss, sigmas, sigmas_eval)
         self.count_worse = 0
         for cb in self.callbacks:
             cb.on_best(self.best)
@@ -495,7 +520,9 @@ class _Run:
         self._reload_best()
         if not self.val_on_all:  # first time: widen the checks to the whole set, re-baseline, no decay
             self.val_on_all = True
-            self.best = replace(self.best, val_loss=self._val_loss())
+            (loss,), _, _ = self._to_host(self._val_loss())
+            self._require_finite(loss, "the validation loss")
+            self.best = replace(self.best, val_loss=loss)
             return
         cfg = self.config
         group1, group2 = self.opt1.param_groups[0], self.opt2.param_groups[0]
@@ -510,25 +537,28 @@ class _Run:
         """One round; returns a stop reason or None."""
         if self.round > 0:
             self._reload_best()
-        self._check()
+        self._check_now()
         order = torch.randperm(len(self.train), generator=self.generator).to(self.z_train.device)
         for idx in order.split(self.config.train_batch_size):
             train_loss, accepted = self._train_step(idx)
             self.step += 1
-            val_loss = self._check()
-            self._emit_step(train_loss, val_loss, accepted)
+            values, sigmas, sigmas_eval = self._to_host(train_loss, self._val_loss(), accepted, self._max_slack_distance())
+            train_loss, val_loss, accepted, slack_distance = values
+            self._require_finite(train_loss, "the training loss")
+            self._check(val_loss, sigmas, sigmas_eval)
+            self._emit_step(train_loss, val_loss, accepted, slack_distance, sigmas, sigmas_eval)
             if self.lr2_floor_hits >= self.config.lr2_floor_hits:
                 return "lr2_floor"
         if not self._validation_slack_pass() and self.hp.slack_radius > 0:
             self.shift_lr *= self.config.shift_lr_decay
         return None
 
-    def _emit_step(self, train_loss: float, val_loss: float, accepted: float) -> None:
-        sigmas, sigmas_eval = self._schedule()
+    def _emit_step(self, train_loss: float, val_loss: float, accepted: float, slack_distance: float,
+                   sigmas: Tensor, sigmas_eval: Tensor) -> None:
         metrics = StepMetrics(
             phase=self.phase, round=self.round, step=self.step, train_loss=train_loss, val_loss=val_loss,
             best_val_loss=self.best.val_loss, lr1=self.opt1.param_groups[0]["lr"], lr2=self.opt2.param_groups[0]["lr"],
-            shift_lr=self.shift_lr, accepted_fraction=accepted, max_slack_distance=self._max_slack_distance(),
+            shift_lr=self.shift_lr, accepted_fraction=accepted, max_slack_distance=slack_distance,
             val_on_all=self.val_on_all, sigmas=sigmas, sigmas_eval=sigmas_eval,
         )
         self.history.append(metrics)
@@ -552,12 +582,12 @@ class _Run:
     def result(self, stop_reason: str, n_fe: int | None, wall_time_s: float) -> LD3Result:
         """The best state, scored on the ORIGINAL validation latents (no slack)."""
         self._reload_best()
-        sigmas, sigmas_eval = self._schedule()
-        final = self._mean_loss(self.val, self.val.z, len(self.val))
+        (final, slack_distance), sigmas, sigmas_eval = self._to_host(
+            self._mean_loss(self.val, self.val.z, len(self.val)), self._max_slack_distance())
         self._require_finite(final, "the final validation loss")
         return LD3Result(
             sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=self.best.val_loss, final_val_loss=final,
-            n_steps=self.disc.n_steps, nfe=n_fe, steps=self.step, max_slack_distance=self._max_slack_distance(),
+            n_steps=self.disc.n_steps, nfe=n_fe, steps=self.step, max_slack_distance=slack_distance,
             stop_reason=stop_reason, wall_time_s=wall_time_s, hyperparameters=self.hp, history=tuple(self.history),
         )
 
