@@ -217,25 +217,45 @@ DEFAULTS = "ld3 defaults (reference recipe)"
 
 @dataclass(frozen=True)
 class RecipeVariant:
-    name: str
+    setting: str
     precision: str = "default"
     overrides: dict = field(default_factory=dict)  # LD3Config fields
+    seed: int = 0  # LD3Config.seed: the order of the training batches
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}, seed {self.seed}"
 
 
-def recipe_variants(device: torch.device, n_val: int) -> list[RecipeVariant]:
+def recipe_variants(device: torch.device, n_val: int, default_seeds: list[int]) -> list[RecipeVariant]:
+    """The settings in the order they run; a short --budget skips the exploratory tail.
+
+    The final RMSE of one run depends on the accept-if-better and patience decisions, which rounding
+    alone flips, so the fast setting runs over three batch orders (seeds) and settings are compared by
+    their mean."""
     graphs = {"cuda_graphs": device.type == "cuda"}
-    fast = {**graphs, "val_slack_batch_size": n_val}
-    return [  # the slow eager defaults last, so that a short time budget still measures the fast settings
-        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}", overrides=fast),
-        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val} (again)", overrides=fast),
+    fast_name = f"cuda_graphs, val_slack_batch_size {n_val}, val_solve_batch_size {n_val}"
+    fast = {**graphs, "val_slack_batch_size": n_val, "val_solve_batch_size": n_val}
+    return [
+        *(RecipeVariant(fast_name, overrides={**fast, "seed": seed}, seed=seed) for seed in range(3)),
+        RecipeVariant(f"{fast_name}, TF32", "tf32", fast),
+        *(RecipeVariant(DEFAULTS, overrides={"seed": seed}, seed=seed) for seed in default_seeds),
         RecipeVariant("cuda_graphs", overrides=graphs),
-        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, bf16", "bf16", fast),
-        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, TF32, train batch 5", "tf32",
-                      {**fast, "train_batch_size": 5}),
-        RecipeVariant(f"cuda_graphs, val_slack_batch_size {n_val}, bf16, train batch 5", "bf16",
-                      {**fast, "train_batch_size": 5}),
-        RecipeVariant(DEFAULTS),
+        RecipeVariant(f"{fast_name}, bf16", "bf16", fast),
+        RecipeVariant(f"{fast_name}, TF32, train batch 5", "tf32", {**fast, "train_batch_size": 5}),
     ]
+
+
+def summarise_settings(rows: list[dict]) -> list[dict]:
+    """Per setting: runs, mean and spread of wall time and final RMSE over its seeds."""
+    summary = []
+    for setting in dict.fromkeys(r["setting"] for r in rows if "final_val_rmse" in r):
+        runs = [r for r in rows if r["setting"] == setting and "final_val_rmse" in r]
+        rmse = [r["final_val_rmse"] for r in runs]
+        summary.append({"setting": setting, "runs": len(runs),
+                        "mean_wall_s": statistics.fmean(r["wall_s"] for r in runs),
+                        "mean_final_val_rmse": statistics.fmean(rmse), "min_rmse": min(rmse), "max_rmse": max(rmse)})
+    return summary
 
 
 def teacher_data(net: torch.nn.Module, device: torch.device, n_train: int,
@@ -256,13 +276,20 @@ def run_recipe(net: torch.nn.Module, variant: RecipeVariant, train: TeacherData,
     config = LD3Config(rounds_v1=rounds[0], rounds_v2=rounds[1], loss="l2", mode="lambda", **variant.overrides)
     reset_peak(device)
     synchronize(device)
+    step_times: list[tuple[int, float]] = []  # (round, time) after each step's host sync
     start = time.perf_counter()
-    result = train_ld3(denoiser, "unipc_bh1", 3, denoiser.schedule, train, val, config, nfe=10)
+    result = train_ld3(denoiser, "unipc_bh1", 3, denoiser.schedule, train, val, config, nfe=10,
+                       callbacks=[lambda m: step_times.append((m.round, time.perf_counter()))])
     synchronize(device)
     wall = time.perf_counter() - start
-    return {"name": variant.name, "precision": variant.precision,
+    # Steady state: step-to-step intervals inside the rounds after the first (graphs captured, no slack pass).
+    intervals = [b[1] - a[1] for a, b in zip(step_times, step_times[1:]) if a[0] == b[0] > 0]
+    first_round = max((t for r, t in step_times if r == 0), default=start) - start
+    return {"name": variant.name, "setting": variant.setting, "seed": variant.seed, "precision": variant.precision,
             "config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
             "wall_s": wall, "steps": result.steps, "s_per_iteration": wall / max(result.steps, 1),
+            "first_round_s": first_round,
+            "steady_s_per_iteration": statistics.median(intervals) if intervals else None,
             "peak_gib": peak_gib(device), "final_val_rmse": math.sqrt(result.final_val_loss),
             "best_val_loss": result.best_val_loss, "stop_reason": result.stop_reason,
             "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()}
@@ -300,31 +327,33 @@ def solve_costs(net: torch.nn.Module, train: TeacherData, val: TeacherData, devi
     return rows
 
 
-def bench_recipe(net: torch.nn.Module, device: torch.device, quick: bool, deadline: float, min_time: float) -> dict:
+def bench_recipe(net: torch.nn.Module, device: torch.device, quick: bool, deadline: float, min_time: float,
+                 default_seeds: list[int]) -> dict:
     n = 6 if quick else 50
     rounds = (1, 1) if quick else (2, 5)
     train, val = teacher_data(net, device, n, n)
     costs = solve_costs(net, train, val, device, min_time)
     print(f"recipe: solve costs {costs}", flush=True)
     rows = []
-    for variant in recipe_variants(device, n):
+    for variant in recipe_variants(device, n, default_seeds):
         if time.perf_counter() > deadline:
-            rows.append({"name": variant.name, "skipped": "time budget spent"})
+            rows.append({"name": variant.name, "setting": variant.setting, "skipped": "time budget spent"})
             continue
         try:
             rows.append(run_recipe(net, variant, train, val, device, rounds))
         except Exception as error:  # noqa: BLE001 - one failing variant must not hide the others
             traceback.print_exc()
-            rows.append({"name": variant.name, "error": f"{type(error).__name__}: {error}"})
+            rows.append({"name": variant.name, "setting": variant.setting, "error": f"{type(error).__name__}: {error}"})
         print(f"recipe: {rows[-1].get('name')}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
                                                              if isinstance(v, float)), flush=True)
-    baseline = next((r for r in rows if r["name"] == DEFAULTS and "final_val_rmse" in r), None)
+    summary = summarise_settings(rows)
+    baseline = next((r for r in summary if r["setting"] == DEFAULTS), None)
     fastest = None
     if baseline is not None:
-        good = [r for r in rows if "final_val_rmse" in r and r["final_val_rmse"] <= baseline["final_val_rmse"]]
-        fastest = min(good, key=lambda r: r["wall_s"])["name"]
+        good = [r for r in summary if r["mean_final_val_rmse"] <= baseline["mean_final_val_rmse"]]
+        fastest = min(good, key=lambda r: r["mean_wall_s"])["setting"]
     return {"samples": {"train": n, "val": n}, "rounds": rounds, "solve_costs": costs, "variants": rows,
-            "fastest_no_worse_than_defaults": fastest}
+            "settings": summary, "fastest_no_worse_than_defaults": fastest}
 
 
 # ---- 4. SD-size memory --------------------------------------------------------------------------
@@ -407,9 +436,14 @@ def report(results: dict) -> str:
         parts += ["", f"recipe: {recipe['samples']} samples, rounds {recipe['rounds']}, UniPC-3 NFE 10, L2",
                   table(recipe["variants"], [
                       ("setting", "name", ""), ("wall s", "wall_s", ".1f"), ("steps", "steps", "d"),
-                      ("s / it", "s_per_iteration", ".3f"), ("peak GiB", "peak_gib", ".2f"),
+                      ("s / it", "s_per_iteration", ".3f"), ("round 1 s", "first_round_s", ".1f"),
+                      ("steady s / it", "steady_s_per_iteration", ".3f"), ("peak GiB", "peak_gib", ".2f"),
                       ("final val RMSE", "final_val_rmse", ".5f")]),
-                  f"fastest with final RMSE <= defaults': {recipe['fastest_no_worse_than_defaults']}",
+                  "", "per setting (mean over its seeds)", table(recipe["settings"], [
+                      ("setting", "setting", ""), ("runs", "runs", "d"), ("mean wall s", "mean_wall_s", ".1f"),
+                      ("mean final RMSE", "mean_final_val_rmse", ".4f"), ("min", "min_rmse", ".4f"),
+                      ("max", "max_rmse", ".4f")]),
+                  f"fastest setting with mean final RMSE <= defaults': {recipe['fastest_no_worse_than_defaults']}",
                   "", "solves of one iteration (default precision), seconds",
                   table(recipe["solve_costs"], [(k, k, "" if k == "solver" else ".4f")
                                                 for k in recipe["solve_costs"][0]])]
@@ -442,6 +476,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="floor/teacher batch sizes (default 1,2,16,64,256,1024)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of repeats per timing (default 0.5)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which recipe variants are skipped")
+    parser.add_argument("--default-seeds", default="0", help="batch-order seeds of the eager-defaults recipe runs (default 0)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -462,7 +497,8 @@ def main() -> None:
     steps: dict[str, Callable[[], object]] = {
         "floor": lambda: bench_floor(net, batch_sizes, device, min_time),
         "teacher": lambda: bench_teacher(net, batch_sizes, device, min_time, results.get("floor", [])),
-        "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time),
+        "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time,
+                                       [int(seed) for seed in args.default_seeds.split(",")]),
         "sd": lambda: bench_sd(device, args.quick, min_time),
     }
     for name in sections:
