@@ -174,6 +174,10 @@ class ModelStudy:
         p.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute each network call in the backward pass (memory of one call)")
         p.add_argument("--bf16", dest="autocast_bf16", action="store_true", help="run the network under bf16 autocast")
+        p.add_argument("--cuda-graphs", action="store_true",
+                       help="replay the trainer's solves from CUDA graphs and solve each validation check in one batch "
+                            "(GPU trials; bench/RESULTS.md: reference recipe 229 s -> 39 s on an H200; kernels may differ "
+                            "in rounding from the eager ones)")
         if "weights_dtype" in self.model_options:
             p.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPES), default=None,
                            help="load the network weights in this dtype (default: float32)")
@@ -214,7 +218,10 @@ class ModelStudy:
         self._check_gpus(gpus, args)
         teacher = replace(study.teacher, conditions=conditions,
                           num_gpus_per_actor=study.teacher.num_gpus_per_actor if gpus > 0 else 0.0)
-        return replace(study, model=spec, teacher=teacher)
+        trainer = study.trainer
+        if args.cuda_graphs:
+            trainer = replace(trainer, cuda_graphs=True, val_solve_batch_size=study.num_validation)
+        return replace(study, model=spec, teacher=teacher, trainer=trainer)
 
     def _check_gpus(self, gpus: float, args: argparse.Namespace) -> None:
         if gpus > 0 and args.address is None and not torch.cuda.is_available():

@@ -166,3 +166,11 @@ def test_gpu_trials_without_gpus_are_refused_before_anything_runs(tmp_path, caps
     argv = ["--smoke-test", "--gpus-per-trial", "0.5", *work_args(tmp_path / "work")]
     assert script("ffhq")["main"](argv) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flags, graphs, solve_batch", [([], False, None), (["--cuda-graphs"], True, 4)])
+def test_cuda_graphs_flag_sets_the_trainer_speed_options(tmp_path, flags, graphs, solve_batch):
+    study = script("cifar10")
+    config = study["make_config"](study["SCRIPT"].parser().parse_args(["--smoke-test", *flags, *work_args(tmp_path)]))
+    assert (config.trainer.cuda_graphs, config.trainer.val_solve_batch_size) == (graphs, solve_batch)
+    assert config.num_validation == 4 and config.trainer.loss == "l2"  # the rest of the smoke recipe is untouched
