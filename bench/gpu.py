@@ -51,7 +51,7 @@ from ld3.models import DiffusersDenoiser
 from ld3.schedules import VPDiscreteSchedule
 from ld3.solvers import unipc_bh1, unipc_bh2
 from ld3.train import LD3Config, TeacherData, train_ld3
-from ld3.utils import latents_from_seeds
+from ld3.utils import atomic_write_bytes, latents_from_seeds
 
 # google/ddpm-cifar10-32, unet/config.json (35.7M parameters; self-attention at the 16x16 level).
 DDPM_CIFAR10_UNET = {
@@ -457,12 +457,7 @@ def report(results: dict) -> str:
 
 
 def write_json(results: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "gpu.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(folder / "gpu.json", json.dumps(results, indent=2, default=str).encode())
 
 
 SECTIONS = ("floor", "teacher", "recipe", "sd")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from ld3.models import DiffusersDenoiser
 from ld3.schedules import VPDiscreteSchedule
 from ld3.solvers import euler
+from ld3.utils import atomic_write_bytes
 
 VARIANTS = {  # name -> (weights dtype, gradient_checkpointing, autocast_bf16)
     "fp32": (torch.float32, False, False),
@@ -89,10 +89,7 @@ def main() -> None:
         print(f"{name:32s} peak {results[name]['peak_gib']:6.2f} GiB   {seconds:6.2f} s   max |image - first| {deviation:.3g}")
     report = {"device": torch.cuda.get_device_name(), "steps": args.steps, "batch": 1, "image": "3x512x512", "results": results}
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
 
 
 if __name__ == "__main__":

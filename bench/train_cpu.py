@@ -33,7 +33,7 @@ from ld3.schedules import EDMSchedule
 from ld3.sampling import sample, schedule_loss
 from ld3.solvers import solver_steps_for_nfe
 from ld3.train import LD3Config, TeacherData, train_ld3
-from ld3.utils import latents_from_seeds
+from ld3.utils import atomic_write_bytes, latents_from_seeds
 
 
 class CountingDenoiser:
@@ -128,10 +128,7 @@ def main() -> None:
     print("\n".join([HEADER, *map(row, runs)]))
     print("load average (1 min) after each run: " + ", ".join(f"{r['load_avg_1min']:.1f}" for r in runs))
     if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.out)
+        atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -278,18 +278,20 @@ def test_float32_latents_decode_and_a_module_loss(gmm, small):
 
 # ---- acceptance: learned schedules beat the baselines on the GMM ---------------------------------
 # Reference recipe (2 + 5 rounds, 25 steps a round, slack r = 0.001 C H W / N^2, decoupled, lambda mode) on
-# 200 + 200 teacher pairs in batches of 8 with lr1 = 0.02. On this GMM the pooled RMSE is dominated by the
-# few samples whose trajectory ends in another mixture component than the teacher's ("mode flips"); 50 + 50
-# pairs leave too few of them to learn and validate against. iPNDM starts from the EDM grid (its logSNR-
-# uniform start is the worst of all baselines at NFE 4 and out of reach of 175 steps).
-ACCEPTANCE_RECIPE = LD3Config(train_batch_size=8, lr1=0.02)
+# 200 + 200 teacher pairs in batches of 8 with lr1 = 0.02 and lr2 = 0.5 / N (the study searches lr2 in
+# [0.01, 1] / N; with the reference's 0.1 / N, σ_eval learns too slowly here: UniPC NFE 4 ratio 0.59, not 0.42).
+# On this GMM the pooled RMSE is dominated by the few samples whose trajectory ends in another mixture
+# component than the teacher's ("mode flips"); 50 + 50 pairs leave too few of them to learn and validate
+# against. iPNDM starts from the EDM grid (its logSNR-uniform start is the worst of all baselines at NFE 4
+# and out of reach of 175 steps). bench/gmm_quality.py prints the same runs as a table.
+ACCEPTANCE_RECIPE = LD3Config(train_batch_size=8, lr1=0.02, lr2_coef=0.5)
 ACCEPTANCE_PRIOR = {"unipc_bh1": None, "ipndm": "edm_rho"}
 FD_SAMPLES = 2000
-# Learned / best-baseline validation RMSE at NFE 4 and 6. The issue asks for <= 0.5; that holds for UniPC
-# at NFE 6 (measured 0.35). The others measure 0.59 (UniPC, 4), 0.71 (iPNDM, 4) and 0.62 (iPNDM, 6); a
-# full-batch Adam fit of the same parametrisation without slack on held-out data reaches only ~0.42,
-# ~0.66 and ~0.5 there, so 0.5 is out of reach of the schedule itself for iPNDM at NFE 4.
-MAX_RATIO = {("unipc_bh1", 4): 0.7, ("unipc_bh1", 6): 0.5, ("ipndm", 4): 0.8, ("ipndm", 6): 0.75}
+# Learned / best-baseline validation RMSE at NFE 4 and 6: at most 0.5 (the issue's bound), except iPNDM at
+# NFE 4, measured 0.71: a full-batch Adam fit of the same (ξ, ξᶜ) from every baseline grid, selected on the
+# validation set itself, gets no lower than ~0.59 (bench/gmm_quality.py --direct-fit, bench/RESULTS.md),
+# so 0.5 is out of reach of the schedule's parametrisation there.
+MAX_RATIO = {("unipc_bh1", 4): 0.5, ("unipc_bh1", 6): 0.5, ("ipndm", 4): 0.75, ("ipndm", 6): 0.5}
 
 
 @pytest.fixture(scope="module")
