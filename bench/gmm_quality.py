@@ -10,11 +10,12 @@ EDM ρ=7) and report, next to the best of the four baselines:
 ``--direct-fit`` adds, per NFE-4 cell, what the schedule's parametrisation can reach at all on this
 problem: a full-batch Adam fit of (ξ, ξᶜ) to the 200 training pairs (no slack, no validation
 selection) from each baseline grid and several ξᶜ learning rates, scored on the validation pairs
-every 20 steps; the best validation ratio seen over all fits is an optimistic estimate of the reachable
-ratio (it selects on the validation set). Example:
+every 20 steps, and ``--random-restarts K`` more fits from perturbed baselines; the best validation
+ratio seen over all fits is an optimistic estimate of the reachable ratio (it selects on the validation
+set). Example:
 
     python bench/gmm_quality.py --out /tmp/gmm_quality.json
-    python bench/gmm_quality.py --cells ipndm:4 --direct-fit
+    python bench/gmm_quality.py --cells ipndm:4 --direct-fit --direct-fit-steps 300 --random-restarts 48
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ RECIPE = LD3Config(train_batch_size=8, lr1=0.02, lr2_coef=0.5)  # tests/test_tra
 PRIOR = {"unipc_bh1": None, "ipndm": "edm_rho"}
 CELLS = ("unipc_bh1:4", "unipc_bh1:6", "unipc_bh1:8", "unipc_bh1:10", "ipndm:4", "ipndm:6", "ipndm:8", "ipndm:10")
 DIRECT_FIT_LRS = (0.0, 0.01, 0.05, 0.1)  # Adam learning rates of ξᶜ (ξ: 0.02)
+RESTART_LRS = (0.02, 0.05)  # ξᶜ learning rates of the random restarts, alternating
 
 
 def teacher_pairs(gmm, seeds) -> TeacherData:
@@ -70,26 +72,47 @@ def scores(gmm, solver: str, data: dict, sigmas, sigmas_eval=None) -> dict:
             "test_median": float(test.median()), "fd": gmm_frechet_distance(samples, gmm)}
 
 
-def direct_fit(gmm, solver: str, nfe: int, data: dict, best_val: float, steps: int) -> list[dict]:
-    """Full-batch Adam on (ξ, ξᶜ) from each baseline and ξᶜ learning rate; best validation ratio seen."""
+def fit_start(n_steps: int, init: str, generator: torch.Generator | None) -> LearnableDiscretization:
+    """ξ fitted to a baseline grid; with a generator also perturbed (ξ + N(0, 0.5²), ξᶜ uniform in its window)."""
+    disc = LearnableDiscretization(n_steps, SCHEDULE, dtype=torch.float64).fit_to(BASELINES[init](n_steps, SCHEDULE))
+    if generator is not None:
+        with torch.no_grad():
+            disc.xi.add_(0.5 * torch.randn(disc.xi.shape, generator=generator, dtype=torch.float64))
+            window = disc.win_rate * disc.grid().diff().abs().min()
+            disc.xi_c.copy_(window * (2 * torch.rand(disc.xi_c.shape, generator=generator, dtype=torch.float64) - 1))
+    return disc
+
+
+def best_fit_ratio(gmm, solver: str, disc: LearnableDiscretization, lr_c: float, data: dict, best_val: float,
+                   steps: int) -> float:
+    """Full-batch Adam on (ξ, ξᶜ) against the training pairs; the best validation ratio read every 20 steps."""
+    opt = torch.optim.Adam([{"params": [disc.xi], "lr": 0.02}, {"params": [disc.xi_c], "lr": lr_c}])
+    best_ratio = float("inf")
+    for step in range(steps):
+        loss = per_sample_rmse(gmm, solver, data["train"], *disc()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 19:
+            with torch.no_grad():
+                ratio = float(per_sample_rmse(gmm, solver, data["val"], *disc()).pow(2).mean().sqrt()) / best_val
+            best_ratio = min(best_ratio, ratio)
+    return best_ratio
+
+
+def direct_fit(gmm, solver: str, nfe: int, data: dict, best_val: float, steps: int, restarts: int) -> list[dict]:
+    """Fits from each baseline × ξᶜ learning rate, then ``restarts`` random perturbations of the baselines."""
     n_steps = solver_steps_for_nfe(solver, nfe)
+    generator = torch.Generator().manual_seed(0)
+    starts = [(init, lr_c, None) for init in BASELINES for lr_c in DIRECT_FIT_LRS]
+    starts += [(list(BASELINES)[k % len(BASELINES)], RESTART_LRS[k % len(RESTART_LRS)], k) for k in range(restarts)]
     fits = []
-    for init, grid in BASELINES.items():
-        for lr_c in DIRECT_FIT_LRS:
-            disc = LearnableDiscretization(n_steps, SCHEDULE, dtype=torch.float64).fit_to(grid(n_steps, SCHEDULE))
-            opt = torch.optim.Adam([{"params": [disc.xi], "lr": 0.02}, {"params": [disc.xi_c], "lr": lr_c}])
-            best_ratio = float("inf")
-            for step in range(steps):
-                loss = per_sample_rmse(gmm, solver, data["train"], *disc()).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if step % 20 == 19:
-                    with torch.no_grad():
-                        ratio = float(per_sample_rmse(gmm, solver, data["val"], *disc()).pow(2).mean().sqrt()) / best_val
-                    best_ratio = min(best_ratio, ratio)
-            fits.append({"init": init, "lr_xi_c": lr_c, "best_val_ratio": best_ratio, "final_train_rmse": float(loss.detach()) ** 0.5})
-            print(f"  direct fit {solver} NFE {nfe} from {init}, lr(ξᶜ) {lr_c}: best val ratio {best_ratio:.3f}", flush=True)
+    for init, lr_c, restart in starts:
+        disc = fit_start(n_steps, init, None if restart is None else generator)
+        ratio = best_fit_ratio(gmm, solver, disc, lr_c, data, best_val, steps)
+        fits.append({"init": init, "lr_xi_c": lr_c, "random_restart": restart, "best_val_ratio": ratio})
+        label = "" if restart is None else f", random restart {restart}"
+        print(f"  direct fit {solver} NFE {nfe} from {init}{label}, lr(ξᶜ) {lr_c}: best val ratio {ratio:.3f}", flush=True)
     return fits
 
 
@@ -107,7 +130,8 @@ def run_cell(gmm, cell: str, data: dict, args) -> dict:
               "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()}
     print(f"{solver} NFE {nfe}: val ratio {report['val_ratio']:.3f} ({wall:.0f} s)", flush=True)
     if args.direct_fit and nfe == 4:
-        report["direct_fit"] = direct_fit(gmm, solver, nfe, data, baselines[best]["val"], args.direct_fit_steps)
+        report["direct_fit"] = direct_fit(gmm, solver, nfe, data, baselines[best]["val"], args.direct_fit_steps,
+                                          args.random_restarts)
     return report
 
 
@@ -125,7 +149,7 @@ def table(reports: list[dict]) -> str:
                      f"{learned['test_median']:.4f} / {best_median:.4f} | {learned['fd']:.3f} | {best_fd:.3f} |")
     fits = [(r, f) for r in reports for f in r.get("direct_fit", [])]
     if fits:
-        lines += ["", "direct fit (best validation ratio seen over all inits and ξᶜ learning rates):"]
+        lines += ["", "direct fit (best validation ratio seen over all starts and ξᶜ learning rates):"]
         for r in reports:
             if "direct_fit" in r:
                 top = min(r["direct_fit"], key=lambda f: f["best_val_ratio"])
@@ -139,6 +163,7 @@ def main() -> None:
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated solver:nfe (default: all eight)")
     parser.add_argument("--direct-fit", action="store_true", help="also fit (ξ, ξᶜ) directly for the NFE-4 cells")
     parser.add_argument("--direct-fit-steps", type=int, default=400)
+    parser.add_argument("--random-restarts", type=int, default=0, help="direct fits from perturbed baselines (seeded)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args()
