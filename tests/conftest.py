@@ -15,3 +15,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance on 2 CPUs for one test module (the CI machine's size), shut down after it.
+
+    Ray is imported here, not at the top, so modules that need no Ray (and machines without it) never load it.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

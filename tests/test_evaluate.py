@@ -53,13 +53,6 @@ N = 200  # above the GMM's data dimension 3*8*8 = 192, so the data covariance ha
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def study_runs(tmp_path_factory):
     """A study's MLflow records as the study leaves them: a trial run and a baseline run of one cell, and
     the trial's exported schedule."""

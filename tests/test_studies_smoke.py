@@ -11,7 +11,6 @@ from pathlib import Path
 
 import diffusers.models.modeling_utils  # noqa: F401 - binds diffusers' log handler to the session's stderr, not one test's
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
@@ -48,13 +47,6 @@ def restore_root_logging():
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:], root.level = handlers, level
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def script(name: str) -> dict:

@@ -29,13 +29,6 @@ import gmm as gmm_study  # noqa: E402
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's model builder reaches Ray workers
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def smoke_config(**overrides) -> StudyConfig:
     return replace(gmm_study.make_config(argparse.Namespace(smoke_test=True)), **overrides)
 

@@ -42,13 +42,6 @@ SPEC = ModelSpec(FAMILY, "gmm-seed0", {"seed": 0})
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference():
     """The same teacher solved in-process, all samples in one batch."""
     model = SPEC.build("cpu", CONFIG.torch_dtype)
