@@ -34,11 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from ld3.discretizations import BASELINES, LearnableDiscretization, edm_rho
+from bench.train_cpu import teacher_pairs  # the CPU benches' one teacher: UniPC-3, NFE 20, EDM rho=7
+from ld3.discretizations import BASELINES, LearnableDiscretization
 from ld3.metrics import gmm_frechet_distance
 from ld3.models.gmm import default_gmm
 from ld3.schedules import EDMSchedule
-from ld3.solvers import get_solver, solver_steps_for_nfe, unipc_bh1
+from ld3.solvers import get_solver, solver_steps_for_nfe
 from ld3.train import LD3Config, TeacherData, train_ld3
 from ld3.utils import atomic_write_bytes, latents_from_seeds
 
@@ -49,13 +50,6 @@ PRIOR = {"unipc_bh1": None, "ipndm": "edm_rho"}
 CELLS = ("unipc_bh1:4", "unipc_bh1:6", "unipc_bh1:8", "unipc_bh1:10", "ipndm:4", "ipndm:6", "ipndm:8", "ipndm:10")
 DIRECT_FIT_LRS = (0.0, 0.01, 0.05, 0.1)  # Adam learning rates of ξᶜ (ξ: 0.02)
 RESTART_LRS = (0.02, 0.05)  # ξᶜ learning rates of the random restarts, alternating
-
-
-def teacher_pairs(gmm, seeds) -> TeacherData:
-    z = latents_from_seeds(seeds, gmm.shape, torch.float64)
-    with torch.no_grad():
-        y = unipc_bh1(gmm, SCHEDULE.sigma_max * z, edm_rho(20, SCHEDULE), order=3)
-    return TeacherData(z, y)
 
 
 def per_sample_rmse(gmm, solver: str, data: TeacherData, sigmas, sigmas_eval=None) -> torch.Tensor:
@@ -169,8 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gmm = default_gmm()
-    data = {"train": teacher_pairs(gmm, range(200)), "val": teacher_pairs(gmm, range(100_000, 100_200)),
-            "test": teacher_pairs(gmm, range(300_000, 301_000)),
+    pairs = lambda seeds: teacher_pairs(gmm, SCHEDULE, seeds, torch.float64)  # noqa: E731
+    data = {"train": pairs(range(200)), "val": pairs(range(100_000, 100_200)), "test": pairs(range(300_000, 301_000)),
             "fd_latents": latents_from_seeds(range(200_000, 202_000), gmm.shape, torch.float64)}
     reports = [run_cell(gmm, cell, data, args) for cell in args.cells.split(",")]
     print(table(reports))
