@@ -1,6 +1,6 @@
 """CPU benchmark: wall time of the LD3 reference recipe on the embedded GMM.
 
-Recipe (SPEC.md): 50 training + 50 validation teacher pairs, train batch 2, 2 + 5 rounds, slack radius
+Recipe (docs/method.md): 50 training + 50 validation teacher pairs, train batch 2, 2 + 5 rounds, slack radius
 0.001·C·H·W/N², decoupled timesteps in lambda mode, L2 loss; student UniPC-3 (bh1) at NFE 10;
 teacher UniPC-3 at NFE 20 on the EDM ρ=7 grid; default GMM 3×8×8 in float64. Teacher generation is
 not timed. Each recipe runs ``--repeats`` times (one torch thread unless ``--threads``); the table

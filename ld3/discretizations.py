@@ -1,4 +1,4 @@
-"""Time discretisations: fixed baselines and LD3's learnable grid (SPEC.md, "Parametrisation", "Baselines").
+"""Time discretisations: fixed baselines and LD3's learnable grid (docs/method.md#discretisations).
 
 A discretisation is a descending sigma tensor ``sigma_0 = sigma_max > ... > sigma_N = sigma_min`` for N
 solver steps. Grids are built in a *grid space*: ``"lambda"`` (half log-SNR, ``lambda = -log sigma``) or
@@ -185,7 +185,7 @@ def _min_step_fraction(dtype: torch.dtype) -> float:
 
 
 class LearnableDiscretization(nn.Module):
-    """LD3's learnable time steps (SPEC.md, "Parametrisation").
+    """LD3's learnable time steps (docs/method.md#the-learnable-discretisation).
 
     Parameters ``xi`` (N+1, init ones) and ``xi_c`` (N+1, init zeros). The grid fractions are
     ``u = cumsum(softmax(xi))`` min-max normalised to [0, 1]; the grid is ``s = start + u (end - start)``

@@ -1,4 +1,4 @@
-"""Per-sample distances between student and teacher outputs (SPEC.md, "Objective and slack").
+"""Per-sample distances between student and teacher outputs (docs/method.md#objective).
 
 Every loss maps two batches ``[B, ...]`` to a vector ``[B]`` (one value per sample), because LD3's
 accept-if-better slack step compares samples individually.

@@ -1,4 +1,4 @@
-"""Sampling with a given discretisation: ``ŷ = decode(Solver(σ_0 · z))`` (SPEC.md, "Objective and slack").
+"""Sampling with a given discretisation: ``ŷ = decode(Solver(σ_0 · z))`` (docs/method.md#objective).
 
 The one place that turns latents into outputs; the trainer, the teacher, baseline evaluation and
 sample generation all go through :func:`solve_from_latents`.

@@ -1,4 +1,4 @@
-"""Noise schedules, all mapped to the EDM form used by every solver (SPEC.md, "Conventions").
+"""Noise schedules, all mapped to the EDM form used by every solver (docs/method.md#edm-form).
 
 A schedule relates a model's *native time* ``t`` to its signal level ``alpha(t)`` and noise level
 ``sigma_vp(t)`` (``x_t = alpha x_0 + sigma_vp eps``). The solvers only see the EDM noise level

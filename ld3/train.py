@@ -1,4 +1,4 @@
-"""The LD3 trainer: learn (σ, σ_eval) for one denoiser × solver × order × NFE (SPEC.md, "Algorithm").
+"""The LD3 trainer: learn (σ, σ_eval) for one denoiser × solver × order × NFE (docs/method.md#training).
 
 ``train_ld3`` distils a high-NFE teacher into a few-step discretisation. Given teacher pairs (z, y), the
 student runs ``ŷ = decode(solver(D, σ_max·z', σ, σ_eval))`` from a slack latent ``z'`` in the ball
@@ -129,7 +129,7 @@ class LD3Config:
         return cls(**{"lr2_coef": 0.001, "rounds_v2": 3, "train_batch_size": 1, **overrides})
 
     def derive(self, n_steps: int, latent_shape: Sequence[int]) -> "DerivedHyperparameters":
-        """Values the config leaves to N and the latent size (SPEC.md, "Objective and slack")."""
+        """Values the config leaves to N and the latent size (docs/method.md#defaults-and-derived-values)."""
         size = math.prod(latent_shape)
         radius = self.slack_coef * size / n_steps**2 if self.slack_radius is None else self.slack_radius
         return DerivedHyperparameters(
@@ -241,7 +241,7 @@ class LD3Result:
 # Helpers
 # ---------------------------------------------------------------------------------------------
 def project_to_ball(z_new: Tensor, center: Tensor, radius: float) -> Tensor:
-    """Per-sample Euclidean projection of ``z_new`` onto ``{z: ‖z − center‖₂ ≤ radius}`` (SPEC.md, step 3)."""
+    """Per-sample Euclidean projection of ``z_new`` onto ``{z: ‖z − center‖₂ ≤ radius}`` (docs/method.md, step 3)."""
     delta = z_new - center
     norm = delta.flatten(1).norm(dim=1)
     scale = torch.where(norm > radius, radius / norm, torch.ones_like(norm))
@@ -382,7 +382,7 @@ class _Run:
                 f"{what} became NaN/Inf at phase {self.phase}, round {self.round}, step {self.step}; "
                 "lower lr1/lr2 or check the denoiser and loss for numerical problems", self.step, self.best)
 
-    # ---- slack (SPEC.md steps 3-4) -------------------------------------------------------------
+    # ---- slack (docs/method.md#training, steps 3-4) ------------------------------------------
     def _slack_step(self, store: Tensor, origin: Tensor, idx: Tensor, z_leaf: Tensor, ref: Tensor,
                     y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
         """SGD step of z', projection onto its ball, accept per sample where the loss went down -> mask."""
@@ -415,7 +415,7 @@ class _Run:
                                   sigmas.detach(), sigmas_eval.detach())
         return loss.detach(), accept
 
-    # ---- one training step (SPEC.md steps 1-4) ---------------------------------------------------
+    # ---- one training step (docs/method.md#training, steps 1-4) ----------------------------------
     def _train_step(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Steps 1-4 on one batch -> (batch loss, accepted fraction) as device scalars, with no host sync."""
         self.disc.xi.requires_grad_(True)
@@ -607,7 +607,7 @@ def train_ld3(
     loss_fn: LossFn | None = None,
     callbacks: Iterable[Callback | Callable[[StepMetrics], None]] = (),
 ) -> LD3Result:
-    """Learn the discretisation (σ, σ_eval) of ``solver`` for ``denoiser`` by LD3 (SPEC.md, "Algorithm").
+    """Learn the discretisation (σ, σ_eval) of ``solver`` for ``denoiser`` by LD3 (docs/method.md#training).
 
     Args:
         denoiser: ``D(x, sigma, cond=None) -> x0_hat`` in EDM form.

@@ -20,7 +20,7 @@ def latents_from_seeds(
     """Standard-normal latents ``z`` of shape [len(seeds), *shape], one generator per seed.
 
     Sample i depends only on ``seeds[i]``, so results never depend on how samples are split into
-    batches or workers (DESIGN.md, "Randomness per sample"). Drawn in float64 on the CPU, then cast,
+    batches or workers (docs/design.md#randomness-per-sample). Drawn in float64 on the CPU, then cast,
     so the same seed gives the same latent on every device and dtype.
     """
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]

@@ -1,4 +1,4 @@
-"""LD3 on AFHQv2 64×64 with EDM's VP model (SPEC.md, "Published results": AFHQv2 EDM 64²).
+"""LD3 on AFHQv2 64×64 with EDM's VP model (the paper's results: AFHQv2 EDM 64²).
 
     python studies/afhqv2.py --checkpoint edm-afhqv2-64x64-uncond-vp.pkl   # or set LD3_AFHQV2_CHECKPOINT
     ray submit ray_cluster.yaml studies/afhqv2.py -- --address auto   # on a cluster (docs/cluster.md)

@@ -1,4 +1,4 @@
-"""LD3 on CIFAR-10 32×32 with EDM's VP model (SPEC.md, "Published results": CIFAR-10 EDM-VP 32²).
+"""LD3 on CIFAR-10 32×32 with EDM's VP model (the paper's results: CIFAR-10 EDM-VP 32²).
 
     python studies/cifar10.py --checkpoint edm-cifar10-32x32-uncond-vp.pkl   # or set LD3_CIFAR10_CHECKPOINT
     ray submit ray_cluster.yaml studies/cifar10.py -- --address auto   # on a cluster (docs/cluster.md)

@@ -1,4 +1,4 @@
-"""LD3 on FFHQ 64×64 with EDM's VP model (SPEC.md, "Published results": FFHQ EDM 64²).
+"""LD3 on FFHQ 64×64 with EDM's VP model (the paper's results: FFHQ EDM 64²).
 
     python studies/ffhq.py --checkpoint edm-ffhq-64x64-uncond-vp.pkl   # or set LD3_FFHQ_CHECKPOINT
     ray submit ray_cluster.yaml studies/ffhq.py -- --address auto   # on a cluster (docs/cluster.md)

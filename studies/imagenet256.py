@@ -1,4 +1,4 @@
-"""LD3 on class-conditional ImageNet 256×256 with a guided latent model (guidance scale 2.0; SPEC.md, "Published results").
+"""LD3 on class-conditional ImageNet 256×256 with a guided latent model (guidance scale 2.0).
 
     python studies/imagenet256.py --checkpoint checkpoints/DiT-XL-2-256   # or set LD3_IMAGENET256_CHECKPOINT
     ray submit ray_cluster.yaml studies/imagenet256.py -- --address auto   # on a cluster (docs/cluster.md)

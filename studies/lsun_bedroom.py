@@ -1,4 +1,4 @@
-"""LD3 on LSUN-Bedroom 256×256 with CompVis' latent diffusion model (LDM-4, VQ-f4; SPEC.md, "Published results").
+"""LD3 on LSUN-Bedroom 256×256 with CompVis' latent diffusion model (LDM-4, VQ-f4).
 
     python studies/lsun_bedroom.py --checkpoint checkpoints/ldm-lsun-bedroom-256   # or set LD3_LSUN_BEDROOM_CHECKPOINT
     ray submit ray_cluster.yaml studies/lsun_bedroom.py -- --address auto   # on a cluster (docs/cluster.md)

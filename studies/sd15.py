@@ -1,4 +1,4 @@
-"""LD3 on Stable Diffusion v1.5, text-to-image 512×512 with guidance scale 7.5 (SPEC.md, "Published results").
+"""LD3 on Stable Diffusion v1.5, text-to-image 512×512 with guidance scale 7.5.
 
     python studies/sd15.py --checkpoint checkpoints/stable-diffusion-v1-5 --prompts captions_val2014.json
     ray submit ray_cluster.yaml studies/sd15.py -- --address auto   # on a cluster (docs/cluster.md)

@@ -1,4 +1,4 @@
-"""Fixed baseline discretisations and LD3's learnable grid (SPEC.md, "Parametrisation")."""
+"""Fixed baseline discretisations and LD3's learnable grid (docs/method.md)."""
 
 import math
 

@@ -28,7 +28,7 @@ def _logsnr_grid(schedule, n_steps: int) -> torch.Tensor:
 
 
 def _decoupled(sigmas: torch.Tensor) -> torch.Tensor:
-    """Interior points moved by a quarter of the smallest log-gap, endpoints kept (SPEC's masking)."""
+    """Interior points moved by a quarter of the smallest log-gap, endpoints kept (the method's masking)."""
     log_s = sigmas.log()
     shift = 0.25 * (log_s[:-1] - log_s[1:]).min()
     shifts = torch.full_like(log_s, float(shift))

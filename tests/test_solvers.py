@@ -102,7 +102,7 @@ def test_convergence_order_on_edm_grid(gmm, x_start, edm_reference, name, order,
 
 
 # iPNDM's fixed Adams-Bashforth coefficients assume equal steps: its order shows on a sigma-uniform grid
-# (SPEC.md). Its lower-order warm start adds an O(h^2) term that is tiny when starting at sigma = 80
+# (docs/method.md#solvers). Its lower-order warm start adds an O(h^2) term that is tiny when starting at sigma = 80
 # but caps the asymptotic order, so order 4 reads slightly low here (~3.7).
 @pytest.mark.parametrize("order, tolerance", [(1, 0.1), (2, 0.15), (3, 0.25), (4, 0.45)])
 def test_ipndm_convergence_order_on_uniform_grid(gmm, x_start, uniform_reference, order, tolerance):

@@ -41,7 +41,7 @@ def gmm():
 
 
 def teacher_data(gmm, seeds, dtype=torch.float64) -> TeacherData:
-    """Teacher pairs: UniPC-3 with NFE 20 on the EDM rho=7 grid, from x_T = sigma_max z (SPEC.md)."""
+    """Teacher pairs: UniPC-3 with NFE 20 on the EDM rho=7 grid, from x_T = sigma_max z (docs/method.md#objective)."""
     z = latents_from_seeds(seeds, gmm.shape, dtype)
     with torch.no_grad():
         y = unipc_bh1(gmm, SCHEDULE.sigma_max * z, edm_rho(TEACHER_NFE, SCHEDULE), order=3)
@@ -69,7 +69,7 @@ def test_config_defaults_and_derived_values_are_the_reference_recipe():
     assert (config.patience, config.lr_decay, config.lr1_floor, config.lr2_floor, config.lr2_floor_hits) == (5, 0.8, 5e-5, 1e-6, 5)
     derived = config.derive(10, (3, 32, 32))
     assert derived.lr2 == pytest.approx(0.01) and derived.shift_lr == pytest.approx(1.2)
-    assert derived.slack_radius == pytest.approx(0.03072)  # SPEC.md: CIFAR-10, N = 10
+    assert derived.slack_radius == pytest.approx(0.03072)  # docs/method.md: CIFAR-10, N = 10
     assert config.slack_radius is None and config.lr2 is None  # derived values are never written back
     explicit = dataclasses.replace(config, slack_radius=0.5, lr2=0.2, shift_lr=3.0).derive(10, (3, 32, 32))
     assert (explicit.slack_radius, explicit.lr2, explicit.shift_lr) == (0.5, 0.2, 3.0)

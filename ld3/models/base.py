@@ -2,9 +2,9 @@
 
 Every family (EDM pickles, diffusers pixel/latent models, Stable Diffusion) subclasses
 :class:`DenoiserAdapter` and implements ``_denoise``; the base validates the call, applies the memory
-options and returns the result in ``x``'s dtype (SPEC.md, "Conventions used in this project").
+options and returns the result in ``x``'s dtype (docs/design.md#the-denoiser-convention).
 
-Memory options (DESIGN.md: LD3 backpropagates through N network calls):
+Memory options (LD3 backpropagates through N network calls):
 - ``gradient_checkpointing``: each denoiser call keeps only its inputs for the backward pass and
   recomputes its activations there (``torch.utils.checkpoint``, non-reentrant). Only active while
   autograd records.

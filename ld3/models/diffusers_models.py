@@ -1,7 +1,7 @@
 """diffusers models (discrete-time VP: DDPM, latent diffusion, DiT, Stable Diffusion) as LD3 denoisers.
 
 A diffusers network predicts epsilon, v or x0 from the VP state ``x_vp = alpha x0 + sigma_vp eps`` at a
-training timestep ``t``. In EDM form (SPEC.md, "Conventions") with ``sigma = sigma_vp / alpha`` and
+training timestep ``t``. In EDM form (docs/method.md#edm-form) with ``sigma = sigma_vp / alpha`` and
 ``alpha = 1 / sqrt(1 + sigma^2)``, the adapter computes
 
     x_vp = alpha * x,   t = schedule.t_from_sigma(sigma),   D(x, sigma) = x0 from the prediction:

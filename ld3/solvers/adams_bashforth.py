@@ -1,7 +1,7 @@
 """iPNDM (Zhang & Chen 2023, DEIS; as used by LD3): Adams-Bashforth in sigma on eps = (x - D) / sigma'.
 
 ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j c_j eps_{i-j}`` with the fixed coefficients of equal-step
-Adams-Bashforth (SPEC.md, "Solvers"), warm-started with the lower orders. The coefficients ignore the
+Adams-Bashforth (docs/method.md#solvers), warm-started with the lower orders. The coefficients ignore the
 grid's spacing, so on non-uniform grids the observed order is below the nominal one: that is the method.
 """
 

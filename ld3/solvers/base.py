@@ -1,11 +1,11 @@
 """Shared plumbing of the ODE solvers: input validation, grid preparation, the denoiser call.
 
-Every solver integrates the probability-flow ODE in EDM form (SPEC.md, "Conventions")
+Every solver integrates the probability-flow ODE in EDM form (docs/method.md#edm-form)
 
     dx/dsigma = (x - D(x, sigma)) / sigma = eps(x, sigma)
 
 from ``sigmas[0]`` down to ``sigmas[-1]`` (no final jump to sigma = 0). Decoupled timesteps
-(SPEC.md, "Decoupled timesteps"): the step formulas use the step grid ``sigmas``; the denoiser call
+(docs/method.md#the-learnable-discretisation): the step formulas use the step grid ``sigmas``; the denoiser call
 and any conversion of its output (D <-> eps) use the evaluation grid ``sigmas_eval``.
 """
 

@@ -1,7 +1,7 @@
 """One-step solvers in sigma: Euler, Heun (EDM 2nd order) and DPM-Solver-2 (singlestep).
 
 In EDM form the ODE is ``dx/dsigma = eps(x, sigma)`` with ``eps = (x - D) / sigma'`` (sigma' the
-evaluation point of SPEC.md's decoupled timesteps); these solvers step it directly in sigma.
+decoupled evaluation point, docs/method.md); these solvers step it directly in sigma.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ with ``phi1 = 1 - e^{-h}``, ``B(h) = -h`` (bh1) or ``e^{-h} - 1`` (bh2), and rho
 ``sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) (-h) / B(h)`` (the paper's Eq. 11 / Alg. 2-3). ``D~_{i+1} =
 D(x~_{i+1}, sigma'_{i+1})`` is the next step's model evaluation, so the corrector costs no extra call.
 All coefficients depend only on the step grid and are computed for every step at once, as weights on the
-stored D values; every operation keeps the graph (no ``torch.tensor(list_of_tensors)``, SPEC.md).
+stored D values; every operation keeps the graph (no ``torch.tensor(list_of_tensors)``).
 """
 
 from __future__ import annotations
