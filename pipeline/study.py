@@ -38,6 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ld3.discretizations import BASELINES
 from ld3.losses import LossFn, get_loss
 from ld3.metrics import gmm_frechet_distance
+from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
@@ -577,7 +578,8 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     if started_ray:
         # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
         ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+                 include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {TRUST_ENV_VAR: "1"}} if code_trusted() else None)  # cluster workers too
     status = "FAILED"
     try:
         entry = TeacherCache(options.cache_dir).get_or_generate(study.model, study.teacher)
