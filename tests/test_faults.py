@@ -105,3 +105,79 @@ def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded(tmp_pa
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert net(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+
+# ---- E: inconsistent exports and FID statistics -------------------------------------------------------------
+def _saved_export(folder: Path) -> Path:
+    from ld3.discretizations import edm_rho
+    from ld3.schedules import EDMSchedule
+    from pipeline.export import build_export, save_export
+
+    schedule = EDMSchedule()
+    sigmas = edm_rho(4, schedule)
+    exported = build_export(sigmas=sigmas, noise_schedule=schedule, model="m", solver="ipndm", order=4, nfe=4,
+                            mode="lambda", metrics={}, config={}, teacher_cache_key="k")
+    return save_export(exported, folder)
+
+
+BAD_EXPORTS = {  # field edits -> what the one-line error must say
+    "nfe_99": ({"nfe": 99}, "nfe is 99 but ipndm spends 4 denoiser calls on 4 steps"),
+    "order_9": ({"order": 9}, "order=9 is not supported by ipndm"),
+    "unknown_solver": ({"solver": "rk45"}, "unknown solver 'rk45'"),
+    "unknown_schedule": ({"noise_schedule": "karras"}, "noise_schedule 'karras' is unknown"),
+    "timesteps_off": ({"timesteps": [70.0, 10.0, 1.0, 0.1, 0.002]}, "timesteps must equal sigmas for the edm schedule"),
+    "sigma0_1e6": ({"sigmas": [1e6, 10.0, 1.0, 0.1, 0.002], "timesteps": [1e6, 10.0, 1.0, 0.1, 0.002]},
+                   "outside [1e-05, 10000]"),
+    "sigma_1e300": ({"sigmas": [1e300, 1e100, 1.0, 1e-100, 1e-300], "timesteps": [1e300, 1e100, 1.0, 1e-100, 1e-300]},
+                    "outside [1e-05, 10000]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXPORTS))
+def test_inconsistent_export_is_a_one_line_error_naming_file_and_field(tmp_path, case):
+    from pipeline.export import load_schedule
+
+    path = _saved_export(tmp_path)
+    edits, message = BAD_EXPORTS[case]
+    path.write_text(json.dumps(json.loads(path.read_text()) | edits))
+    with pytest.raises(ValueError) as caught:
+        load_schedule(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and message in text and len(text.splitlines()) == 1, text
+
+
+def test_binary_export_names_the_file(tmp_path):
+    from pipeline.export import load_schedule
+
+    path = tmp_path / "schedule.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=f"^{path}: not a UTF-8 JSON text file"):
+        load_schedule(path)
+
+
+def test_reading_an_export_imports_no_mlflow_or_ray(tmp_path):
+    path = _saved_export(tmp_path)
+    code = ("import sys; from pipeline.export import load_schedule; load_schedule(sys.argv[1]); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'ray', 'optuna', 'pyarrow'}))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fid_stats_that_are_no_covariance_or_no_npz_are_refused(tmp_path):
+    import numpy as np
+
+    from ld3.fid import load_stats
+
+    not_psd = np.diag([1.0, 2.0, -3.0])
+    np.savez(tmp_path / "not_psd.npz", mu=np.zeros(3), sigma=not_psd)
+    np.savez(tmp_path / "asymmetric.npz", mu=np.zeros(3), sigma=np.eye(3) + np.triu(np.ones((3, 3)), 1))
+    np.save(tmp_path / "stats.npy", np.eye(3))
+    np.savez(tmp_path / "fine.npz", mu=np.zeros(3), sigma=np.diag([1.0, 2.0, 0.0]))  # singular is fine
+    for name, message in (("not_psd.npz", "not positive semi-definite (smallest eigenvalue -3"),
+                          ("asymmetric.npz", "not symmetric"), ("stats.npy", "is a single array (.npy)")):
+        with pytest.raises(ValueError) as caught:
+            load_stats(tmp_path / name, dim=3)
+        assert str(tmp_path / name) in str(caught.value) and message in str(caught.value)
+        assert len(str(caught.value).splitlines()) == 1
+    assert load_stats(tmp_path / "fine.npz", dim=3).mu.numel() == 3
