@@ -43,7 +43,7 @@ from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
-from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
+from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
@@ -423,11 +423,8 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
                            loss_fn=loaded.loss_fn,
                            callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
-    except TrainingDiverged as err:
-        run.set_tags({"failure": str(err)})
-        run.end("FAILED")
-        raise
-    except BaseException:
+    except BaseException as err:  # TrainingDiverged and any other error: the run says why it failed
+        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
         run.end("FAILED")
         raise
     metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)

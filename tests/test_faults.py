@@ -181,3 +181,92 @@ def test_fid_stats_that_are_no_covariance_or_no_npz_are_refused(tmp_path):
         assert str(tmp_path / name) in str(caught.value) and message in str(caught.value)
         assert len(str(caught.value).splitlines()) == 1
     assert load_stats(tmp_path / "fine.npz", dim=3).mu.numel() == 3
+
+
+# ---- D: a diverged trial's exception crosses processes --------------------------------------------------------
+def _diverged() -> Exception:
+    """A TrainingDiverged as the trainer raises it (imports only ld3: Ray workers rebuild this by value)."""
+    import torch
+
+    from ld3.train import BestSchedule, TrainingDiverged
+
+    best = BestSchedule(step=3, val_loss=0.5, sigmas=torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64),
+                        sigmas_eval=torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64))
+    return TrainingDiverged("train loss became NaN/Inf at phase 1, round 0, step 4", 4, best)
+
+
+def test_training_diverged_survives_pickling():
+    original = _diverged()
+    copy = pickle.loads(pickle.dumps(original))
+    assert type(copy) is type(original) and str(copy) == str(original) and copy.step == 4
+    assert copy.best.step == 3 and torch.equal(copy.best.sigmas, original.best.sigmas)
+
+
+def test_training_diverged_raised_in_a_ray_worker_reaches_the_driver_intact(local_ray):
+    import ray
+
+    from ld3.train import TrainingDiverged
+
+    def fail() -> None:
+        raise _diverged()
+
+    this_module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(this_module)  # the workers cannot import this test module
+    try:
+        with pytest.raises(TrainingDiverged) as caught:
+            ray.get(ray.remote(fail).remote())
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(this_module)
+    assert caught.value.step == 4 and caught.value.best.val_loss == 0.5 and "NaN/Inf" in str(caught.value)
+
+
+# ---- B: non-finite teacher data is never published --------------------------------------------------------------
+@pytest.fixture
+def by_value(local_ray):
+    """Ray workers rebuild this module's functions by value (they cannot import the tests folder)."""
+    import ray
+
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def _inf_below(threshold: float):
+    """The exact GMM denoiser, except that it returns +Inf below σ = ``threshold``."""
+    from ld3.models.gmm import default_gmm
+
+    gmm = default_gmm(seed=0, shape=(2, 2, 2), n_components=2, n_classes=1)
+
+    def denoiser(x, sigma, cond=None):
+        out = gmm(x, sigma, cond)
+        return torch.where((sigma < threshold).reshape(-1, 1, 1, 1), torch.full_like(out, float("inf")), out)
+
+    return denoiser, gmm.shape
+
+
+def _build_inf_model(*, device, dtype, threshold: float):
+    from ld3.schedules import EDMSchedule
+    from pipeline.models import LoadedModel
+
+    denoiser, shape = _inf_below(threshold)
+    return LoadedModel(denoiser=denoiser, schedule=EDMSchedule(), shape=shape)
+
+
+def test_non_finite_teacher_data_is_refused_naming_model_and_sigma(by_value, tmp_path):
+    from pipeline.models import ModelSpec, register_model_builder
+    from pipeline.teacher import TeacherConfig
+    from pipeline.teacher_cache import TeacherCache, TeacherGenerationError
+
+    register_model_builder("inf-below-test", _build_inf_model, replace=True)
+    spec = ModelSpec("inf-below-test", "inf-below-0.05", kwargs={"threshold": 0.05})
+    config = TeacherConfig(solver="euler", order=1, nfe=8, num_samples=6, batch_size=3)
+    cache = TeacherCache(tmp_path / "cache")
+    with pytest.raises(TeacherGenerationError) as caught:
+        cache.get_or_generate(spec, config)
+    line = str(caught.value)
+    assert len(line.splitlines()) == 1 and "inf-below-0.05" in line and "euler-1, NFE 8" in line, line
+    sigma = float(line.split("NaN/Inf at sigma=")[1].split(" ")[0])
+    assert 0.002 <= sigma < 0.05  # the first σ of the teacher grid below the threshold
+    assert cache.lookup(spec, config) is None
+    assert not list((tmp_path / "cache").rglob("*.parquet")) and not list((tmp_path / "cache").rglob("manifest.json"))
