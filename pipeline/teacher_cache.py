@@ -432,13 +432,16 @@ class TeacherCache:
         return self.entry(cache_key(spec, config))
 
     def get_or_generate(self, spec: ModelSpec, config: TeacherConfig) -> CacheEntry:
-        """The cached teacher data, generated with Ray first on a miss (one writer per key at a time)."""
+        """The cached teacher data (every file verified on a hit), generated with Ray first on a miss (one writer
+        per key at a time). Raises CacheCorruptError naming a damaged file."""
         key = cache_key(spec, config)
         entry = self.entry(key)
         if entry is None:
             self.filesystem.create_dir(self.base, recursive=True)
             with exclusive(self.filesystem, f"{self.base}/{key}.lock", self.lock_timeout) as sole_writer:
                 entry = self.entry(key) or self._generate(key, spec, config, clear_leftovers=sole_writer)
+        if entry.hit:
+            entry.verify()  # a damaged file fails here, named, before the hit is announced or used
         log.info(
             "teacher cache %s: %d samples of %s (%s, NFE %d) at %s",
             "hit" if entry.hit else "miss, generated",

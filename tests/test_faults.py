@@ -270,3 +270,44 @@ def test_non_finite_teacher_data_is_refused_naming_model_and_sigma(by_value, tmp
     assert 0.002 <= sigma < 0.05  # the first σ of the teacher grid below the threshold
     assert cache.lookup(spec, config) is None
     assert not list((tmp_path / "cache").rglob("*.parquet")) and not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+# ---- C: a damaged Parquet part of the teacher cache ---------------------------------------------------------------
+def _gmm_smoke_study():
+    sys.path.insert(0, str(REPO / "studies"))
+    try:
+        import gmm as gmm_study
+    finally:
+        sys.path.remove(str(REPO / "studies"))
+    return gmm_study
+
+
+def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(local_ray, tmp_path, capsys, caplog):
+    import argparse
+
+    from pipeline.cli import main
+    from pipeline.teacher_cache import CacheCorruptError, TeacherCache
+
+    gmm_study = _gmm_smoke_study()
+    study = gmm_study.make_config(argparse.Namespace(smoke_test=True))
+    work = tmp_path / "work"
+    cache = TeacherCache(work / "cache")
+    entry = cache.get_or_generate(study.model, study.teacher)
+    part = Path(entry.folder) / entry.manifest["files"][0]["path"]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the Parquet data pages
+    part.write_bytes(bytes(data))
+
+    caplog.set_level("INFO", logger="pipeline.teacher_cache")
+    with pytest.raises(CacheCorruptError, match=f"cached file {part} does not match its sha256"):
+        cache.get_or_generate(study.model, study.teacher)
+    assert not any("teacher cache hit" in r.getMessage() for r in caplog.records)
+
+    argv = ["--smoke-test", "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--cache-dir", str(work / "cache"),
+            "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "tune")]
+    capsys.readouterr()  # Ray Data's progress of the generation above
+    assert main(gmm_study.make_config, "test", argv) == 2
+    *before, last = capsys.readouterr().err.strip().splitlines()  # before: MLflow's own log lines
+    assert last.startswith("error: cached file ") and str(part) in last, last
+    assert not any(line.startswith(("error", "Traceback")) or "ray::" in line for line in before), before
+    assert not list(work.rglob("*.json.tmp")) and not list((work / "exports").glob("*.json"))  # nothing exported
