@@ -50,8 +50,9 @@ def _default_order(name: str) -> int:
 
 
 def parse_nfes(text: str) -> tuple[int, ...]:
+    """``"4,6,8"`` -> (4, 6, 8); an empty item (``4,,6``) or a non-integer is an error."""
     try:
-        nfes = tuple(int(part) for part in text.split(",") if part.strip())
+        nfes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"--nfe must be comma-separated integers, e.g. 4,6,8, got {text!r}") from None
     if not nfes or min(nfes) < 1:

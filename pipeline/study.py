@@ -48,7 +48,8 @@ from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
 from pipeline.export import build_export, save_export
-from pipeline.fileio import ensure_writable_dir
+from pipeline.cache_store import resolve_root
+from pipeline.fileio import check_writable_dir
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
@@ -291,10 +292,37 @@ def _absolute_paths(options: StudyOptions) -> StudyOptions:
 
 
 def check_paths(options: StudyOptions) -> None:
+    """Folders can be made and written, URIs name a filesystem pyarrow knows; nothing is created here."""
     for argument, path in (("--cache-dir", options.cache_dir), ("--exports-dir", options.exports_dir),
                            ("--storage-dir", options.storage_dir)):
         if not _is_uri(path):
-            ensure_writable_dir(path, argument)
+            check_writable_dir(path, argument)
+            continue
+        try:
+            resolve_root(path)
+        except ValueError as err:
+            raise ValueError(f"{argument}: {err}") from None
+
+
+def check_resources(study: StudyConfig, options: StudyOptions) -> None:
+    """An in-process Ray must have the CPUs and GPUs one trial, teacher actor or evaluation actor asks for
+    (otherwise Ray waits forever); a cluster (``--address``) may add nodes, so it is not checked."""
+    if options.num_cpus is not None and options.num_cpus < 1:
+        raise StudyError(f"--num-cpus {options.num_cpus}: Ray needs at least 1 CPU; give a positive number or drop it")
+    if options.address is not None:
+        return
+    cpus, gpus = options.num_cpus or os.cpu_count() or 1, torch.cuda.device_count()
+    evaluation = study.evaluation
+    asks = {"--cpus-per-trial": (study.cpus_per_trial, cpus), "--gpus-per-trial": (study.gpus_per_trial, gpus),
+            "the teacher's CPUs per actor": (study.teacher.num_cpus_per_actor, cpus),
+            "the teacher's GPUs per actor": (study.teacher.num_gpus_per_actor, gpus)}
+    if evaluation is not None:
+        asks |= {"the evaluation's CPUs per actor": (evaluation.num_cpus_per_actor, cpus),
+                 "the evaluation's GPUs per actor": (evaluation.num_gpus_per_actor, gpus)}
+    for what, (wanted, available) in asks.items():
+        if wanted > available:
+            raise StudyError(f"{what} is {wanted:g}, but this machine's Ray has {available}; lower it, raise --num-cpus "
+                             "(CPUs), or run on a cluster with --address auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +593,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     """Run (or resume) a whole study; see the module docstring."""
     check_paths(options)
     check_ray_address(options.address)
+    check_resources(study, options)
     if study.evaluation is not None:
         check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
@@ -572,13 +601,13 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
                                 resume=options.resume, params=_study_params(study),
                                 tags={"model": study.model.model_id})
     started_ray = not ray.is_initialized()
-    if started_ray:
-        # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
-        ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {TRUST_ENV_VAR: "1"}} if code_trusted() else None)  # cluster workers too
     status = "FAILED"
     try:
+        if started_ray:  # inside the try: a failing start still ends the parent run (FAILED)
+            # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
+            ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {TRUST_ENV_VAR: "1"}} if code_trusted() else None)  # cluster workers too
         entry = TeacherCache(options.cache_dir).get_or_generate(study.model, study.teacher)
         tracker.set_tags({"teacher_cache_key": entry.key, "teacher_cache_uri": entry.uri})
         contexts = [_cell_context(study, options, tracker, entry, solver, nfe)

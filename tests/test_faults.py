@@ -311,3 +311,47 @@ def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(loc
     assert last.startswith("error: cached file ") and str(part) in last, last
     assert not any(line.startswith(("error", "Traceback")) or "ray::" in line for line in before), before
     assert not list(work.rglob("*.json.tmp")) and not list((work / "exports").glob("*.json"))  # nothing exported
+
+
+# ---- F: bad study input: exit code 2, one error line, nothing written ----------------------------------------------
+BAD_FLAGS = [  # flags -> the one error line (first three: a real subprocess); more cases: test_study_cli.py
+    (["--num-cpus", "-1"], "--num-cpus -1: Ray needs at least 1 CPU"),
+    (["--cpus-per-trial", "64"], "--cpus-per-trial is 64, but this machine's Ray has"),
+    (["--cache-dir", "garbage://x"], "--cache-dir: root 'garbage://x' is not a filesystem URI"),
+    (["--num-cpus", "0"], "--num-cpus 0: Ray needs at least 1 CPU"),
+    (["--nfe", "4,,6"], "--nfe must be comma-separated integers"),
+    (["--storage-dir", "garbage://x"], "--storage-dir: root 'garbage://x' is not a filesystem URI"),
+    (["--fid-ref", "/missing/ref.npz"], "FID reference statistics /missing/ref.npz not found"),
+]
+IN_SUBPROCESS = 3
+
+
+def _run_study_cli(flags: list[str], work: Path, tmp_path: Path, subprocess_run: bool, capsys) -> tuple[int, str]:
+    """``studies/gmm.py --smoke-test FLAGS`` in ``work``: (exit code, stderr), as a subprocess or in-process."""
+    if subprocess_run:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "LD3_CACHE_DIR", "LD3_STORAGE_DIR"):
+            env.pop(name, None)
+        proc = subprocess.run([sys.executable, str(REPO / "studies/gmm.py"), "--smoke-test", *flags], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stderr
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(_gmm_smoke_study().make_config, "test", ["--smoke-test", *flags])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", range(len(BAD_FLAGS)), ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_is_exit_2_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capsys, case):
+    flags, message = BAD_FLAGS[case]
+    work = tmp_path / "work"  # the study's working directory: default cache, exports, Tune state, mlflow.db
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    code, stderr = _run_study_cli(flags, work, tmp_path, case < IN_SUBPROCESS, capsys)
+    *before, last = stderr.strip().splitlines()
+    assert code == 2 and last.startswith("error: ") and message in last, stderr
+    assert not any(line.startswith(("error", "Traceback")) for line in before), before
+    assert not any(work.iterdir())  # no cache, exports, tune, mlflow.db
