@@ -9,7 +9,9 @@ A file holds (schema version 1):
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
   config, code version, creation time in UTC).
 
-``load_schedule(path)`` validates a file and returns an ``ExportedSchedule``: ``.sigmas`` /
+``load_schedule(path)`` validates a file (schema and keys; a known solver, its order and the NFE it spends
+on the grid; a known noise schedule and native times that fit the σ; σ within ``SIGMA_RANGE``; one-line
+errors that name the file) and returns an ``ExportedSchedule``: ``.sigmas`` /
 ``.sigmas_eval`` are float64 tensors for ``ld3.solvers``; ``diffusers_sigmas()`` and
 ``diffusers_timesteps()`` give the lists diffusers schedulers accept (their conventions are in the
 method docstrings).

@@ -305,11 +305,12 @@ def check_paths(options: StudyOptions) -> None:
 
 
 def check_resources(study: StudyConfig, options: StudyOptions) -> None:
-    """An in-process Ray must have the CPUs and GPUs one trial, teacher actor or evaluation actor asks for
-    (otherwise Ray waits forever); a cluster (``--address``) may add nodes, so it is not checked."""
+    """The in-process Ray this study starts must have the CPUs and GPUs one trial, teacher actor or evaluation
+    actor asks for (otherwise Ray waits forever); a cluster (``--address``) may add nodes and a Ray the caller
+    started has its own resources, so those are not checked."""
     if options.num_cpus is not None and options.num_cpus < 1:
         raise StudyError(f"--num-cpus {options.num_cpus}: Ray needs at least 1 CPU; give a positive number or drop it")
-    if options.address is not None:
+    if options.address is not None or ray.is_initialized():
         return
     cpus, gpus = options.num_cpus or os.cpu_count() or 1, torch.cuda.device_count()
     evaluation = study.evaluation

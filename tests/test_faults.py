@@ -99,12 +99,20 @@ def test_hostile_checkpoint_through_the_study_script_is_refused_and_not_recorded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["os_system.pkl", "xdg"]  # no cache/exports/mlflow
 
 
-def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded(tmp_path, monkeypatch):
+def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded_only_then(tmp_path, monkeypatch):
+    from pipeline.model_families import checkpoint_digest, record_checkpoint_digest
+
     monkeypatch.delenv("LD3_TRUST_CHECKPOINT_CODE", raising=False)
-    net = load_edm_network(tiny_edm_pickle((3, 8, 8)))
+    path = tiny_edm_pickle((3, 8, 8))
+    digests = tmp_path / "checkpoint-digests.json"
+    digest = checkpoint_digest(path, digests, record=False)  # as the study scripts do before loading
+    assert not digests.exists()
+    net = load_edm_network(path)  # its classes are registered as safe: no code from the file runs
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert net(x, torch.tensor([0.5, 2.0])).shape == x.shape
+    record_checkpoint_digest(path, digests)
+    assert list(json.loads(digests.read_text()).values()) == [digest]
 
 
 # ---- E: inconsistent exports and FID statistics -------------------------------------------------------------
