@@ -176,6 +176,7 @@ def _stand_in_modules() -> dict[str, types.ModuleType]:
 
 
 _STAND_INS = _stand_in_modules()
+_SAFE_STAND_INS = {("dnnlib", "EasyDict"), ("dnnlib.util", "EasyDict")}  # usable without trust: they run no code
 _STAND_IN_ROOTS = {name.partition(".")[0] for name in _STAND_INS}
 
 
@@ -247,6 +248,11 @@ def _opt_in_hint() -> str:
     return f"if you trust the file, pass {TRUST_FLAG} or set {TRUST_ENV_VAR}=1"
 
 
+def _off_the_list(module: str, name: str) -> UntrustedCodeError:
+    return UntrustedCodeError(f"it references {module}.{name}, which would run code when loaded and is not on "
+                              f"ld3's allow-list of tensor/module rebuilders; {_opt_in_hint()}")
+
+
 class _EDMUnpickler(pickle.Unpickler):
     """Allow-list unpickler (module docstring); ``torch_utils.*`` / ``dnnlib.*`` resolve to the stand-ins, and
     with ``trust_code`` the embedded source and any other global are allowed (scoped to one load)."""
@@ -263,13 +269,14 @@ class _EDMUnpickler(pickle.Unpickler):
             return found
         if self.trust_code:
             return super().find_class(module, name)
-        raise UntrustedCodeError(f"it references {module}.{name}, which would run code when loaded and is not on "
-                                 f"ld3's allow-list of tensor/module rebuilders; {_opt_in_hint()}")
+        raise _off_the_list(module, name)
 
     def _stand_in(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj") and not self.trust_code:
+        if not self.trust_code and (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
             raise UntrustedCodeError(f"it embeds Python source (EDM torch_utils.persistence) that runs when it is "
                                      f"loaded; {_opt_in_hint()}")
+        if not self.trust_code and (module, name) not in _SAFE_STAND_INS:
+            raise _off_the_list(module, name)
         try:
             return getattr(_STAND_INS[module], name)
         except (KeyError, AttributeError):
