@@ -282,10 +282,14 @@ def load_stats(path: str | os.PathLike, *, dim: int | None = FEATURE_DIM) -> Fea
             f"of real images with ld3.fid.reference_stats(folder, extractor)."
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"FID reference statistics {path} is not a readable .npz file ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"FID reference statistics {path} is a single array (.npy), not an .npz archive with arrays "
+                         "mu and sigma; save them with numpy.savez(path, mu=mu, sigma=sigma)")
+    with data:
+        arrays = {key: data[key] for key in data.files}
     missing = {"mu", "sigma"} - arrays.keys()
     if missing:
         raise ValueError(f"FID reference statistics {path} lacks array(s) {sorted(missing)}; found {sorted(arrays)}")
@@ -299,9 +303,21 @@ def load_stats(path: str | os.PathLike, *, dim: int | None = FEATURE_DIM) -> Fea
     if dim is not None and mu.numel() != dim:
         raise ValueError(f"FID reference statistics {path} have feature dimension {mu.numel()}, expected {dim} "
                          "(pool3 of Inception-v3); they were computed with another network or layer")
+    _check_covariance(sigma, path)
     n = int(arrays["n"]) if "n" in arrays else None
     image_size = tuple(int(s) for s in arrays["image_size"]) if "image_size" in arrays else None
     return FeatureStats(mu, sigma, n, image_size)
+
+
+def _check_covariance(sigma: Tensor, path: Path, rtol: float = 1e-5) -> None:
+    """A covariance is symmetric positive semi-definite (eigenvalues >= -rtol * largest; rounding allowed)."""
+    scale = float(sigma.abs().max()) or 1.0
+    if not torch.allclose(sigma, sigma.T, rtol=0.0, atol=rtol * scale):
+        raise ValueError(f"FID reference statistics {path}: sigma is not symmetric, so it is no covariance matrix")
+    eigenvalues = torch.linalg.eigvalsh(sigma)
+    if float(eigenvalues[0]) < -rtol * max(float(eigenvalues[-1]), 0.0) or float(eigenvalues[-1]) < 0:
+        raise ValueError(f"FID reference statistics {path}: sigma is not positive semi-definite (smallest eigenvalue "
+                         f"{float(eigenvalues[0]):.3g}, largest {float(eigenvalues[-1]):.3g}), so it is no covariance matrix")
 
 
 def _warn_if_few_samples(n: int, dim: int) -> None:

@@ -218,6 +218,10 @@ class TrainingDiverged(RuntimeError):
         self.step = step
         self.best = best
 
+    def __reduce__(self):
+        """Pickle with all three arguments (the default passes only ``args``), so Ray can rebuild it elsewhere."""
+        return type(self), (str(self), self.step, self.best)
+
 
 @dataclass(frozen=True)
 class LD3Result:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 MANIFEST_NAME = "manifest.json"
-_REMEDY = "delete the dataset folder (TeacherCache.delete(key)) to regenerate it"
+_REMEDY = "delete the dataset folder <root>/<key>/ (TeacherCache.delete(key)) to regenerate it"
 
 
 class CacheCorruptError(RuntimeError):

@@ -50,8 +50,9 @@ def _default_order(name: str) -> int:
 
 
 def parse_nfes(text: str) -> tuple[int, ...]:
+    """``"4,6,8"`` -> (4, 6, 8); an empty item (``4,,6``) or a non-integer is an error."""
     try:
-        nfes = tuple(int(part) for part in text.split(",") if part.strip())
+        nfes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"--nfe must be comma-separated integers, e.g. 4,6,8, got {text!r}") from None
     if not nfes or min(nfes) < 1:
@@ -118,6 +119,14 @@ def _apply_evaluation_flags(config: StudyConfig, args: argparse.Namespace) -> St
     return replace(config, evaluation=replace(base, **given))
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message; for an error raised in a Ray worker, of the worker's own error
+    (``ray.exceptions.RayTaskError.cause``; the wrapper's first line is only ``ray::task() (pid=…)``)."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def options_from_args(args: argparse.Namespace) -> StudyOptions:
     return StudyOptions(address=args.address, num_cpus=args.num_cpus, tracking_uri=args.tracking_uri,
                         cache_dir=args.cache_dir, exports_dir=args.exports_dir, storage_dir=args.storage_dir,
@@ -155,7 +164,7 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     except USER_ERRORS as err:
         if args.verbose:
             raise
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(report(result))
     return 0

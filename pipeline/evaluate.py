@@ -272,10 +272,12 @@ def check_evaluation(config: EvaluationConfig, reserved_seeds: Iterable[int] = (
     if config.fid_reference is None:
         return None
     fid = _fid()
-    weights = fid.inception_weights_path(config.inception_weights)
     source = Path(config.fid_reference).expanduser()
     needs_network = source.exists() and source.suffix != ".npz"
-    reference = fid.reference_stats(source, fid.load_inception(weights) if needs_network else None)
+    reference = None if needs_network else fid.reference_stats(source)  # a missing or bad file is named first
+    weights = fid.inception_weights_path(config.inception_weights)
+    if reference is None:
+        reference = fid.reference_stats(source, fid.load_inception(weights))
     if config.num_samples < reference.dim:
         warnings.warn(
             f"EvaluationConfig.num_samples={config.num_samples} is below the feature dimension {reference.dim}: "

@@ -9,7 +9,9 @@ A file holds (schema version 1):
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
   config, code version, creation time in UTC).
 
-``load_schedule(path)`` validates a file and returns an ``ExportedSchedule``: ``.sigmas`` /
+``load_schedule(path)`` validates a file (schema and keys; a known solver, its order and the NFE it spends
+on the grid; a known noise schedule and native times that fit the σ; σ within ``SIGMA_RANGE``; one-line
+errors that name the file) and returns an ``ExportedSchedule``: ``.sigmas`` /
 ``.sigmas_eval`` are float64 tensors for ``ld3.solvers``; ``diffusers_sigmas()`` and
 ``diffusers_timesteps()`` give the lists diffusers schedulers accept (their conventions are in the
 method docstrings).
@@ -29,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ld3.schedules import NoiseSchedule
+from ld3.schedules import EDMSchedule, NoiseSchedule, VPCosineSchedule, VPDiscreteSchedule, VPLinearSchedule
+from ld3.solvers import nfe as solver_nfe
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
-from pipeline.tracking import code_version, jsonable
+from pipeline.provenance import code_version, jsonable
 
 if TYPE_CHECKING:
     from pipeline.tracking import StudyTracker, TrialLogger
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 DIFFUSERS_TIME_SCHEDULES = ("vp_discrete",)  # native time = diffusers' training-step index
 EXPORTS_ARTIFACT_DIR = "exports"
+NOISE_SCHEDULES = tuple(c.name for c in (EDMSchedule, VPLinearSchedule, VPCosineSchedule, VPDiscreteSchedule))
+SIGMA_RANGE = (1e-5, 1e4)  # EDM-form σ of every published diffusion model lies inside (VE's largest: ~1350)
+_CONTINUOUS_TIME = (VPLinearSchedule.name, VPCosineSchedule.name)  # native time in (0, 1]
 
 _TOP_LEVEL_KEYS = (
     "schema_version", "model", "solver", "order", "nfe", "n_steps", "noise_schedule", "mode", "decoupled",
@@ -96,14 +102,19 @@ class ExportedSchedule:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an integer >= 1, got {value!r}")
+        _require(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule",
+                 f"{self.noise_schedule!r} is unknown; one of {NOISE_SCHEDULES}")
         _check_grid(self.sigmas, "sigmas", positive=True, strict=True)
         n_points = self.sigmas.numel()
         _check_grid(self.timesteps, "timesteps", strict=True, length=n_points)
+        _check_solver_nfe(self.solver, self.order, self.nfe, n_points - 1)
+        _check_times_match_sigmas(self.noise_schedule, self.sigmas, self.timesteps, "")
         _require((self.sigmas_eval is None) == (self.timesteps_eval is None), "timesteps_eval",
                  "must be given exactly when sigmas_eval is")
         if self.sigmas_eval is not None:
             _check_grid(self.sigmas_eval, "sigmas_eval", positive=True, strict=False, length=n_points)
             _check_grid(self.timesteps_eval, "timesteps_eval", strict=False, length=n_points)
+            _check_times_match_sigmas(self.noise_schedule, self.sigmas_eval, self.timesteps_eval, "_eval")
             same_ends = torch.allclose(self.sigmas_eval[[0, -1]], self.sigmas[[0, -1]], rtol=1e-6, atol=0.0)
             _require(same_ends, "sigmas_eval", "must share its first and last values with sigmas (endpoints are masked)")
         _require(isinstance(self.metrics, dict) and all(isinstance(k, str) for k in self.metrics), "metrics",
@@ -284,8 +295,13 @@ def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"exported schedule {path} does not exist; pass a file written by save_export") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 JSON text file (byte {err.start} is {err.object[err.start]:#04x}); "
+                         "pass a .json file written by save_export") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
     try:
         return ExportedSchedule.from_dict(document)
     except ValueError as err:
@@ -332,3 +348,31 @@ def _check_grid(values: Tensor, name: str, *, strict: bool, positive: bool = Fal
     steps = values[1:] - values[:-1]
     descending = bool((steps < 0).all()) if strict else bool((steps <= 0).all())
     _require(descending, name, f"must be {'strictly ' if strict else ''}descending (from sigma_max to sigma_min)")
+    if positive:
+        low, high = SIGMA_RANGE
+        _require(bool(((values >= low) & (values <= high)).all()), name,
+                 f"has values from {float(values.min()):.6g} to {float(values.max()):.6g}, outside [{low:g}, {high:g}] "
+                 "where diffusion models' sigmas lie")
+
+
+def _check_solver_nfe(solver: str, order: int, nfe: int, n_steps: int) -> None:
+    """The solver exists, takes ``order`` and spends exactly ``nfe`` denoiser calls on ``n_steps`` steps."""
+    try:
+        calls = solver_nfe(solver, n_steps, order)
+    except ValueError as err:
+        raise ValueError(f"solver/order: {err}") from None
+    _require(calls == nfe, "nfe", f"is {nfe} but {solver} spends {calls} denoiser calls on {n_steps} steps")
+
+
+def _check_times_match_sigmas(noise_schedule: str, sigmas: Tensor, timesteps: Tensor, suffix: str) -> None:
+    """Native times consistent with the σ grid: equal to σ for EDM, inside the schedule's time range for VP
+    (their parameters are not in the file, so VP times are checked for range only)."""
+    name = f"timesteps{suffix}"
+    if noise_schedule == EDMSchedule.name:
+        _require(torch.allclose(timesteps, sigmas, rtol=1e-9, atol=0.0), name,
+                 f"must equal sigmas{suffix} for the edm schedule (native time is sigma)")
+    elif noise_schedule in _CONTINUOUS_TIME:
+        _require(bool(((timesteps > 0) & (timesteps <= 1)).all()), name,
+                 f"must lie in (0, 1] for the {noise_schedule} schedule")
+    else:
+        _require(bool((timesteps >= 0).all()), name, f"must be >= 0 (training-step indices) for {noise_schedule}")

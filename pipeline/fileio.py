@@ -26,6 +26,24 @@ def ensure_writable_dir(path: str | os.PathLike, argument: str) -> Path:
     return directory
 
 
+def check_writable_dir(path: str | os.PathLike, argument: str) -> Path:
+    """Check, creating nothing, that ``path`` is a writable directory or can be made one: its nearest
+    existing ancestor must be a directory this process may write into. ValueError naming ``argument``."""
+    directory = Path(path).expanduser().resolve()
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem is not None:
+        raise ValueError(f"{argument}: directory {directory} cannot be created or written ({problem}); "
+                         "pass a writable directory")
+    return directory
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (ld3.utils.atomic_write_bytes)."""
     return atomic_write_bytes(path, text.encode("utf-8"))

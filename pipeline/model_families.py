@@ -18,7 +18,9 @@ the dtype of the solver state: the adapters return ``D`` in the input's dtype, w
 :func:`checkpoint_spec` makes the :class:`~pipeline.models.ModelSpec` of a checkpoint: it checks that the
 path fits the family and records :func:`checkpoint_digest` (sha256 of the file, or of a pipeline folder's
 component files), so the teacher cache key changes whenever the weights do. Digests are computed once per
-file and cached in ``$XDG_CACHE_HOME/ld3/checkpoint-digests.json`` under path, size and mtime.
+file and cached in ``$XDG_CACHE_HOME/ld3/checkpoint-digests.json`` under path, size and mtime; with
+``record_digest=False`` they are kept in memory until :func:`record_checkpoint_digest` (after the file
+loaded), so a file that fails to load leaves no entry.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ld3.models.stable_diffusion import (
     StableDiffusionDenoiser,
     load_stable_diffusion,
 )
+from pipeline import smoke_models  # noqa: F401 - registers the tiny EDM networks as safe to unpickle
 from pipeline.fileio import atomic_write_text
 from pipeline.models import (
     ConditionValue,
@@ -114,10 +117,14 @@ def _write_digest_cache(cache_file: Path, new: dict[str, str]) -> None:
         log.warning("could not update the checkpoint digest cache %s: %s", cache_file, err)
 
 
-def checkpoint_digest(path: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> str:
+_unrecorded_digests: dict[str, str] = {}  # stamp -> sha256 of files hashed with record=False in this process
+
+
+def checkpoint_digest(path: str | os.PathLike, cache_file: str | os.PathLike | None = None, *,
+                      record: bool = True) -> str:
     """sha256 of a checkpoint file, or of a pipeline folder (sha256 of the JSON map relative path -> file
     sha256 over :func:`pipeline_files`). Each file is hashed once; later calls read the cache while the
-    file's path, size and mtime are unchanged."""
+    file's path, size and mtime are unchanged. ``record=False`` keeps new digests out of the cache file."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise MissingWeightsError(f"checkpoint {path.name!r} not found at {path}")
@@ -125,16 +132,25 @@ def checkpoint_digest(path: str | os.PathLike, cache_file: str | os.PathLike | N
     if not files:
         raise ValueError(f"checkpoint folder {path} holds no component files; pass a diffusers pipeline folder")
     cache_path = Path(cache_file) if cache_file is not None else default_digest_cache()
-    cache = _read_digest_cache(cache_path)
+    cache = _read_digest_cache(cache_path) | _unrecorded_digests
     stamps = {f: _stamp(f) for f in files}
     new = {stamps[f]: file_sha256(f) for f in files if stamps[f] not in cache}
-    if new:
-        _write_digest_cache(cache_path, new)
+    if record:
+        new |= {stamp: _unrecorded_digests.pop(stamp) for stamp in stamps.values() if stamp in _unrecorded_digests}
+        if new:
+            _write_digest_cache(cache_path, new)
+    else:
+        _unrecorded_digests.update(new)
     digests = {f: cache.get(stamps[f]) or new[stamps[f]] for f in files}
     if path.is_file():
         return digests[path]
     listing = {f.relative_to(path).as_posix(): d for f, d in digests.items()}
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def record_checkpoint_digest(path: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> None:
+    """Write the digests of a checkpoint that loaded into the cache file (no rehash after ``record=False``)."""
+    checkpoint_digest(path, cache_file, record=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +260,14 @@ def _local_checkpoint(family: str, checkpoint: str | os.PathLike) -> Path:
 
 
 def checkpoint_spec(family: str, checkpoint: str | os.PathLike, *, model_id: str | None = None,
-                    digest_cache: str | os.PathLike | None = None, **options: Any) -> ModelSpec:
+                    digest_cache: str | os.PathLike | None = None, record_digest: bool = True,
+                    **options: Any) -> ModelSpec:
     """The spec of a local checkpoint of ``family`` (file or pipeline folder, or a cached Hugging Face repo
-    id for the diffusers families), with its sha256 digest; ``options`` go to the family's builder."""
+    id for the diffusers families), with its sha256 digest; ``options`` go to the family's builder.
+    ``record_digest=False``: see :func:`record_checkpoint_digest` (module docstring)."""
     if family not in FAMILY_BUILDERS:
         raise ValueError(f"unknown checkpoint family {family!r}; choose one of {sorted(FAMILY_BUILDERS)}")
     path = _local_checkpoint(family, checkpoint)
     return ModelSpec(family=family, model_id=model_id or f"{family}-{path.stem}",
                      kwargs={"checkpoint": str(path), **options},
-                     checkpoint_digest=checkpoint_digest(path, digest_cache))
+                     checkpoint_digest=checkpoint_digest(path, digest_cache, record=record_digest))

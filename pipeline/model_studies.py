@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from ld3.losses import MissingWeightsError, get_loss
+from ld3.models.edm import TRUST_ENV_VAR, TRUST_FLAG
 from ld3.models.stable_diffusion import SD_EXAMPLE_REPO, load_prompts
 from ld3.train import LD3Config
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
-from pipeline.model_families import WEIGHTS_DTYPES, checkpoint_spec
+from pipeline.model_families import WEIGHTS_DTYPES, checkpoint_spec, record_checkpoint_digest
 from pipeline.models import ConditionValue, ModelSpec
 from pipeline.smoke_models import SMOKE_PROMPTS
 from pipeline.study import SearchSpace, SolverChoice, StudyConfig
@@ -191,6 +192,10 @@ class ModelStudy:
             p.add_argument("--single-file-config", default=None,
                            help="with a single .safetensors checkpoint: an SD v1.x pipeline folder giving the component "
                                 f"configs (default: {SD_EXAMPLE_REPO} from the Hugging Face cache)")
+        if family == "edm":
+            p.add_argument(TRUST_FLAG, action="store_true",
+                           help=f"let the checkpoint run the Python source it embeds (EDM release pickles do; same as "
+                                f"{TRUST_ENV_VAR}=1); only for files you trust")
         if family in CLASS_FAMILIES:
             p.add_argument("--class-labels", default=None,
                            help="class-conditional models: comma-separated class ids cycled over the samples "
@@ -210,8 +215,11 @@ class ModelStudy:
         """The study for these flags, with every model input checked (module docstring). Writes only into
         ``$XDG_CACHE_HOME/ld3`` (checkpoint digests; the tiny checkpoint of ``--smoke-test``)."""
         study = smoke_variant(self.study) if args.smoke_test else self.study
+        if getattr(args, "trust_checkpoint_code", False):
+            os.environ[TRUST_ENV_VAR] = "1"  # read by the loader here and in the Ray workers this process starts
         spec = self._spec(args)
         conditions = self._conditions(spec, args, study)
+        record_checkpoint_digest(spec.kwargs["checkpoint"])  # only now: the file loaded
         if study.trainer.loss == "lpips":
             get_loss("lpips")  # MissingWeightsError names the VGG file, where it was looked for and how to get it
         gpus = study.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
@@ -247,7 +255,8 @@ class ModelStudy:
         chosen = {name: getattr(args, name) for name in self.model_options if getattr(args, name) not in (None, False)}
         model_id = f"{template.model_id}-smoke" if args.smoke_test else template.model_id
         try:
-            return checkpoint_spec(template.family, checkpoint, model_id=model_id, **(dict(template.kwargs) | chosen))
+            return checkpoint_spec(template.family, checkpoint, model_id=model_id, record_digest=False,
+                                   **(dict(template.kwargs) | chosen))
         except MissingWeightsError:
             where = Path(checkpoint).expanduser().absolute()
             raise MissingWeightsError(

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ld3.models.edm import register_safe_class
+
 FORMAT_VERSION = 1  # bump when a tiny model's architecture changes
 SEED = 0
 SMOKE_PROMPTS = ("a cat", "a dog", "a red car", "a small house", "a tree", "a bird on a wire", "a cup", "a boat at sea")
@@ -55,6 +57,7 @@ def _cached(name: str, params: dict, write: Callable[[Path], None]) -> Path:
 
 
 # ---- EDM ------------------------------------------------------------------------------------------
+@register_safe_class  # the EDM loader may rebuild it without an opt-in: its code is this module's, not the file's
 class TinyConvNet(nn.Module):
     """Two 3×3 convolutions with noise (and class) embeddings added in between."""
 
@@ -72,6 +75,7 @@ class TinyConvNet(nn.Module):
         return self.conv_out(nn.functional.silu(h))
 
 
+@register_safe_class
 class TinyEDMNetwork(nn.Module):
     """A tiny network with the interface of EDM's preconditioners: ``net(x, sigma, class_labels)`` returns
     ``c_skip x + c_out F(c_in x, c_noise)`` (Karras et al. 2022, Table 1, EDM column)."""

@@ -38,16 +38,18 @@ from ray.tune.search.optuna import OptunaSearch
 from ld3.discretizations import BASELINES
 from ld3.losses import LossFn, get_loss
 from ld3.metrics import gmm_frechet_distance
+from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
-from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
+from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
 from pipeline.export import build_export, save_export
-from pipeline.fileio import ensure_writable_dir
+from pipeline.cache_store import resolve_root
+from pipeline.fileio import check_writable_dir
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
@@ -290,10 +292,38 @@ def _absolute_paths(options: StudyOptions) -> StudyOptions:
 
 
 def check_paths(options: StudyOptions) -> None:
+    """Folders can be made and written, URIs name a filesystem pyarrow knows; nothing is created here."""
     for argument, path in (("--cache-dir", options.cache_dir), ("--exports-dir", options.exports_dir),
                            ("--storage-dir", options.storage_dir)):
         if not _is_uri(path):
-            ensure_writable_dir(path, argument)
+            check_writable_dir(path, argument)
+            continue
+        try:
+            resolve_root(path)
+        except ValueError as err:
+            raise ValueError(f"{argument}: {err}") from None
+
+
+def check_resources(study: StudyConfig, options: StudyOptions) -> None:
+    """The in-process Ray this study starts must have the CPUs and GPUs one trial, teacher actor or evaluation
+    actor asks for (otherwise Ray waits forever); a cluster (``--address``) may add nodes and a Ray the caller
+    started has its own resources, so those are not checked."""
+    if options.num_cpus is not None and options.num_cpus < 1:
+        raise StudyError(f"--num-cpus {options.num_cpus}: Ray needs at least 1 CPU; give a positive number or drop it")
+    if options.address is not None or ray.is_initialized():
+        return
+    cpus, gpus = options.num_cpus or os.cpu_count() or 1, torch.cuda.device_count()
+    evaluation = study.evaluation
+    asks = {"--cpus-per-trial": (study.cpus_per_trial, cpus), "--gpus-per-trial": (study.gpus_per_trial, gpus),
+            "the teacher's CPUs per actor": (study.teacher.num_cpus_per_actor, cpus),
+            "the teacher's GPUs per actor": (study.teacher.num_gpus_per_actor, gpus)}
+    if evaluation is not None:
+        asks |= {"the evaluation's CPUs per actor": (evaluation.num_cpus_per_actor, cpus),
+                 "the evaluation's GPUs per actor": (evaluation.num_gpus_per_actor, gpus)}
+    for what, (wanted, available) in asks.items():
+        if wanted > available:
+            raise StudyError(f"{what} is {wanted:g}, but this machine's Ray has {available}; lower it, raise --num-cpus "
+                             "(CPUs), or run on a cluster with --address auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,11 +452,8 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
                            loss_fn=loaded.loss_fn,
                            callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
-    except TrainingDiverged as err:
-        run.set_tags({"failure": str(err)})
-        run.end("FAILED")
-        raise
-    except BaseException:
+    except BaseException as err:  # TrainingDiverged and any other error: the run says why it failed
+        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
         run.end("FAILED")
         raise
     metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
@@ -567,6 +594,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     """Run (or resume) a whole study; see the module docstring."""
     check_paths(options)
     check_ray_address(options.address)
+    check_resources(study, options)
     if study.evaluation is not None:
         check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
@@ -574,12 +602,13 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
                                 resume=options.resume, params=_study_params(study),
                                 tags={"model": study.model.model_id})
     started_ray = not ray.is_initialized()
-    if started_ray:
-        # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
-        ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     status = "FAILED"
     try:
+        if started_ray:  # inside the try: a failing start still ends the parent run (FAILED)
+            # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
+            ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {TRUST_ENV_VAR: "1"}} if code_trusted() else None)  # cluster workers too
         entry = TeacherCache(options.cache_dir).get_or_generate(study.model, study.teacher)
         tracker.set_tags({"teacher_cache_key": entry.key, "teacher_cache_uri": entry.uri})
         contexts = [_cell_context(study, options, tracker, entry, solver, nfe)

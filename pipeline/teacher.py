@@ -154,18 +154,44 @@ def teacher_sigmas(schedule: Any, config: TeacherConfig) -> Tensor:
     return get_baseline(config.discretization)(config.n_steps, schedule, **config.discretization_kwargs)
 
 
-class _DenoiserCallRecorder:
-    """Wraps a denoiser and keeps a copy of every input state and its sigma (the solve's trajectory)."""
+class NonFiniteTeacherError(ValueError):
+    """The teacher solve produced NaN/Inf values; such data is never cached or used."""
 
-    def __init__(self, denoiser: Denoiser):
+
+class _DenoiserCallRecorder:
+    """Wraps a denoiser and records every call's sigma and whether its output was finite (without a host
+    sync per call); with ``keep_states`` also a copy of every input state (the solve's trajectory)."""
+
+    def __init__(self, denoiser: Denoiser, keep_states: bool):
         self.denoiser = denoiser
+        self.keep_states = keep_states
         self.states: list[Tensor] = []
         self.sigmas: list[Tensor] = []
+        self.finite: list[Tensor] = []
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
-        self.states.append(x.detach().clone())
+        if self.keep_states:
+            self.states.append(x.detach().clone())
         self.sigmas.append(sigma.detach()[0].to(torch.float64))
-        return self.denoiser(x, sigma, cond)
+        out = self.denoiser(x, sigma, cond)
+        self.finite.append(torch.isfinite(out).all())
+        return out
+
+    def check_finite(self, y: Tensor, config: TeacherConfig, seeds: Sequence[int]) -> None:
+        """Raise NonFiniteTeacherError naming the σ of the first denoiser call that returned NaN/Inf."""
+        if bool(torch.isfinite(y).all()):
+            return
+        what = (f"the teacher solve ({config.solver}-{config.order}, NFE {config.nfe}) of {len(seeds)} samples "
+                f"(seeds {min(seeds)}..{max(seeds)}) gave NaN/Inf outputs")
+        bad_calls = (~torch.stack(self.finite)).nonzero().flatten().tolist()
+        if not bad_calls:
+            raise NonFiniteTeacherError(f"{what}, although every denoiser call returned finite values: the solver or "
+                                        "the decoder overflowed; check the model's sigma range and dtype")
+        first = bad_calls[0]
+        raise NonFiniteTeacherError(
+            f"{what}: the denoiser first returned NaN/Inf at sigma={float(self.sigmas[first]):.6g} "
+            f"(call {first + 1} of {len(self.finite)}); check the model at that noise level, or its sigma_min"
+        )
 
 
 def solve_teacher(
@@ -175,16 +201,19 @@ def solve_teacher(
     conditions: Sequence[ConditionValue] | None = None,
     device: torch.device | str = "cpu",
 ) -> TeacherBatch:
-    """Solve the teacher ODE for one batch: ``z`` from ``seeds``, ``x_T = sigma_max z``, ``y = decode(x_0)``."""
+    """Solve the teacher ODE for one batch: ``z`` from ``seeds``, ``x_T = sigma_max z``, ``y = decode(x_0)``.
+
+    Raises NonFiniteTeacherError when the outputs hold NaN/Inf (naming the σ where the denoiser failed).
+    """
     device = torch.device(device)
     sigmas = teacher_sigmas(model.schedule, config).to(device)
     z = latents_from_seeds(seeds, model.shape, config.torch_dtype, device)
     cond = None if conditions is None else model.encode_condition(list(conditions), device)
-    recorder = _DenoiserCallRecorder(model.denoiser) if config.keep_trajectory else None
+    recorder = _DenoiserCallRecorder(model.denoiser, keep_states=config.keep_trajectory)
     with torch.no_grad():
-        y = solve_from_latents(recorder or model.denoiser, config.solver, config.order, sigmas, z, cond=cond,
-                               decode=model.decode)
-    if recorder is None:
+        y = solve_from_latents(recorder, config.solver, config.order, sigmas, z, cond=cond, decode=model.decode)
+    recorder.check_finite(y, config, seeds)
+    if not config.keep_trajectory:
         return TeacherBatch(z=z, y=y, trajectory=None, trajectory_sigmas=None)
     return TeacherBatch(
         z=z,

@@ -56,7 +56,7 @@ from .cache_store import (
 )
 from .devices import worker_device
 from .models import ConditionValue, ModelSpec
-from .teacher import TeacherBatch, TeacherConfig, solve_teacher
+from .teacher import NonFiniteTeacherError, TeacherBatch, TeacherConfig, solve_teacher
 
 __all__ = [
     "CacheCorruptError",
@@ -167,7 +167,10 @@ class _TeacherWorker:
         sample_ids = requests.column("sample_id").to_pylist()
         seeds = requests.column("seed").to_pylist()
         conditions = requests.column("condition").to_pylist() if "condition" in requests.column_names else None
-        batch = solve_teacher(self.model, self.config, seeds, conditions, self.device)
+        try:
+            batch = solve_teacher(self.model, self.config, seeds, conditions, self.device)
+        except NonFiniteTeacherError as err:  # reported in the result: Ray Data would drop the exception's message
+            return pa.table({"part": [json.dumps({"first_sample_id": min(sample_ids), "non_finite": str(err)})]})
         table = _teacher_table(sample_ids, seeds, conditions, batch)
         record = write_parquet_part(self.filesystem, self.folder, f"part-{min(sample_ids):09d}.parquet", table)
         record.update(
@@ -205,8 +208,12 @@ def _generate_parts(spec: ModelSpec, config: TeacherConfig, filesystem: pafs.Fil
     return sorted((json.loads(row["part"]) for row in dataset.take_all()), key=lambda r: r["first_sample_id"])
 
 
-def _check_parts(parts: list[dict[str, Any]], config: TeacherConfig) -> None:
-    """The parts must hold all requested rows and agree on column layout and trajectory sigmas."""
+def _check_parts(parts: list[dict[str, Any]], spec: ModelSpec, config: TeacherConfig) -> None:
+    """The parts must be finite, hold all requested rows and agree on column layout and trajectory sigmas."""
+    non_finite = [part["non_finite"] for part in parts if "non_finite" in part]
+    if non_finite:
+        raise TeacherGenerationError(f"teacher data of {spec.model_id} not published: {non_finite[0]} "
+                                     f"({len(non_finite)} of {len(parts)} batches)")
     rows = sum(part["num_rows"] for part in parts)
     if rows != config.num_samples:
         raise TeacherGenerationError(f"the actors returned {rows} rows for {config.num_samples} requested samples")
@@ -338,6 +345,10 @@ def _dataset_from_table(table: pa.Table, manifest: dict[str, Any], source: str) 
         raise CacheCorruptError(f"{source} does not hold each sample id 0..{manifest['num_rows'] - 1} exactly once")
     layouts = manifest["columns"]
     tensors = {name: _tensor_column(table, name, layouts[name], source) if name in layouts else None for name in TENSOR_COLUMNS}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CacheCorruptError(f"column {name!r} of {source} holds NaN/Inf values; teacher data must be finite, "
+                                    "delete the dataset folder (TeacherCache.delete(key)) to regenerate it")
     condition: Tensor | tuple[str, ...] | None = None
     if manifest["condition"] == "prompt":
         condition = tuple(table.column("condition").to_pylist())
@@ -421,13 +432,16 @@ class TeacherCache:
         return self.entry(cache_key(spec, config))
 
     def get_or_generate(self, spec: ModelSpec, config: TeacherConfig) -> CacheEntry:
-        """The cached teacher data, generated with Ray first on a miss (one writer per key at a time)."""
+        """The cached teacher data (every file verified on a hit), generated with Ray first on a miss (one writer
+        per key at a time). Raises CacheCorruptError naming a damaged file."""
         key = cache_key(spec, config)
         entry = self.entry(key)
         if entry is None:
             self.filesystem.create_dir(self.base, recursive=True)
             with exclusive(self.filesystem, f"{self.base}/{key}.lock", self.lock_timeout) as sole_writer:
                 entry = self.entry(key) or self._generate(key, spec, config, clear_leftovers=sole_writer)
+        if entry.hit:
+            entry.verify()  # a damaged file fails here, named, before the hit is announced or used
         log.info(
             "teacher cache %s: %d samples of %s (%s, NFE %d) at %s",
             "hit" if entry.hit else "miss, generated",
@@ -454,7 +468,7 @@ class TeacherCache:
         start = time.perf_counter()
         try:
             parts = _generate_parts(spec, config, self.filesystem, parts_folder)
-            _check_parts(parts, config)
+            _check_parts(parts, spec, config)
             manifest = _manifest(key, spec, config, attempt, parts, time.perf_counter() - start)
             published = self.entry(key)  # another writer without a shared lock (object stores) may have won
             if published is not None:

@@ -13,18 +13,15 @@ view lines trials and baselines up by model / solver / NFE.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from pipeline.fileio import ensure_writable_dir
+from pipeline.provenance import code_version, jsonable
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_FILE = "mlflow.db"
@@ -131,43 +129,6 @@ def _first_line(err: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Values: provenance, params, JSON
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """``git describe --always --dirty`` of this checkout, else the installed package version, else "unknown"."""
-    root = Path(__file__).resolve().parents[1]
-    if (root / ".git").exists():
-        try:
-            result = subprocess.run(
-                ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                capture_output=True, text=True, timeout=10, check=True,
-            )
-            return result.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        return "ld3-studies " + importlib.metadata.version("ld3-studies")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-ready copy of a config value: dataclasses and mappings -> dict, sequences -> list,
-    paths -> str, tensors / numpy values -> numbers or lists."""
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
-        return value.tolist()
-    raise ValueError(f"cannot record a value of type {type(value).__name__} ({value!r}); convert it to str, number, list or dict")
 
 
 def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:

@@ -4,7 +4,8 @@
     ray submit ray_cluster.yaml studies/afhqv2.py -- --address auto   # on a cluster (docs/cluster.md)
     python studies/afhqv2.py --smoke-test   # a tiny random EDM-style network, on the CPU, for CI
 
-The checkpoint is the EDM release pickle. A pickle runs code when loaded: use only the official file.
+The checkpoint is the EDM release pickle; it embeds Python source that runs when loaded, so it loads only
+with --trust-checkpoint-code (or LD3_TRUST_CHECKPOINT_CODE=1): use it only for the official file.
 Recipe: pipeline.model_studies.pixel_study (UniPC bh1-3 and iPNDM-4 at NFE 4/6/8/10; teacher UniPC-3,
 NFE 20, EDM rho=7; 50 + 50 samples; LPIPS). A class-conditional pickle gets class labels (--class-labels).
 """

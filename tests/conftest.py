@@ -1,5 +1,7 @@
 """Fixtures shared by several test modules."""
 
+import socket
+
 import pytest
 import torch
 
@@ -28,3 +30,11 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port nobody listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -129,7 +129,7 @@ def test_sigmas_eval_endpoints_must_match():
     moved_start = sigmas.clone()
     moved_start[0] = 70.0
     with pytest.raises(ValueError, match="sigmas_eval must share its first and last values"):
-        _edm_export(sigmas=sigmas, sigmas_eval=moved_start)
+        _edm_export(sigmas=sigmas, sigmas_eval=moved_start, nfe=4)
 
 
 def test_build_rejects_grid_outside_the_schedule():

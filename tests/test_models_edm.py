@@ -14,6 +14,8 @@ import torch
 from ld3.losses import MissingWeightsError
 from ld3.models.edm import EDMDenoiser, EmbeddedCodeError, load_edm_denoiser, load_edm_network
 
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.usefixtures("trusted_checkpoint_code")]
+
 WRITER_PACKAGES = {
     "dnnlib/__init__.py": "from .util import EasyDict\n",
     "dnnlib/util.py": """
@@ -162,7 +164,11 @@ WRITER_PACKAGES = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+@pytest.fixture
+def trusted_checkpoint_code(monkeypatch):
+    """These release-format pickles embed their source: load them with the opt-in."""
+    monkeypatch.setenv("LD3_TRUST_CHECKPOINT_CODE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,13 @@ object is saved by EDM's ``torch_utils.persistence``: it is pickled as a call
 the whole Python module that defined the class, the class name and the object state. Unpickling
 executes that source code.
 
-SECURITY: a pickle runs arbitrary code when loaded, and these pickles run their embedded module
-source by design. Load only files from sources you trust.
+SECURITY: a pickle can run arbitrary code when loaded, and these pickles run their embedded module
+source by design. :func:`load_edm_network` therefore unpickles through an allow-list: tensor and
+``nn.Module`` rebuilding (torch's own functions and ``torch.nn`` classes), ``OrderedDict``, numpy arrays and
+scalars, and classes an application registers with :func:`register_safe_class`. Anything else -- ``os.system``,
+``eval``, ``subprocess.run``, any other import -- is refused with :class:`UntrustedCodeError`, and so is the
+embedded source, unless the caller opts in: ``trust_code=True``, or ``LD3_TRUST_CHECKPOINT_CODE=1`` in the
+environment (the study scripts' ``--trust-checkpoint-code`` sets it). Opt in only for files you trust.
 
 EDM's own source tree is not needed: :func:`load_edm_network` unpickles with a custom ``find_class``
 that supplies minimal stand-ins for the ``torch_utils`` / ``dnnlib`` names the files reference. The
@@ -23,8 +28,11 @@ and turns class ids into the one-hot labels the networks expect.
 from __future__ import annotations
 
 import builtins
+import collections
+import io
 import os
 import pickle
+import sys
 import types
 import uuid
 from pathlib import Path
@@ -39,11 +47,17 @@ from ld3.schedules import EDMSchedule
 
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 TRUST_WARNING = "a pickle runs arbitrary code when loaded (EDM pickles execute their embedded source): load only trusted files"
+TRUST_ENV_VAR = "LD3_TRUST_CHECKPOINT_CODE"
+TRUST_FLAG = "--trust-checkpoint-code"
 _PERSISTENCE_VERSION = 6  # version of EDM's torch_utils.persistence format that the release files use
 
 
 class EmbeddedCodeError(ValueError):
     """The pickle's embedded code could not be rebuilt, or it does not define an EDM network."""
+
+
+class UntrustedCodeError(ValueError):
+    """Loading the pickle would run code (embedded source or a global off the allow-list) without an opt-in."""
 
 
 # ---- stand-ins for the torch_utils / dnnlib names that EDM pickles reference ---------------------------
@@ -162,6 +176,7 @@ def _stand_in_modules() -> dict[str, types.ModuleType]:
 
 
 _STAND_INS = _stand_in_modules()
+_SAFE_STAND_INS = {("dnnlib", "EasyDict"), ("dnnlib.util", "EasyDict")}  # usable without trust: they run no code
 _STAND_IN_ROOTS = {name.partition(".")[0] for name in _STAND_INS}
 
 
@@ -176,24 +191,105 @@ def _embedded_import(name: str, globals=None, locals=None, fromlist=(), level: i
     return builtins.__import__(name, globals, locals, fromlist, level)
 
 
+def _load_storage_bytes(data: bytes) -> Any:
+    """Safe ``torch.storage._load_from_bytes``: the nested storage record is read with torch's weights-only
+    unpickler (torch's own function unpickles it with no restriction)."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    **{(numpy_core, name): None for numpy_core in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name in ("_reconstruct", "scalar")},
+    ("numpy", "ndarray"): None,
+    ("numpy", "dtype"): None,
+}  # None: numpy's own object, imported on first use (ld3 does not import numpy otherwise)
+
+
+def register_safe_class(cls: type) -> type:
+    """Allow pickles to rebuild instances of ``cls`` (an ``nn.Module`` subclass whose ``__init__`` and
+    ``__setstate__`` have no side effects), e.g. an application's own network classes; returns ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"only torch.nn.Module subclasses can be registered, got {cls!r}")
+    _SAFE_GLOBALS[(cls.__module__, cls.__qualname__)] = cls
+    return cls
+
+
+def _safe_global(module: str, name: str) -> Any | None:
+    """The allow-listed object ``module.name``, or None when loading it would run code from the file."""
+    key = (module, name)
+    if key in _SAFE_GLOBALS:
+        found = _SAFE_GLOBALS[key]
+        return found if found is not None else getattr(__import__(module, fromlist=[name]), name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module == "numpy.dtypes" and name.endswith("DType"):
+        return getattr(__import__(module, fromlist=[name]), name, None)
+    if module.startswith("torch.nn.modules.") and module in sys.modules:
+        found = getattr(sys.modules[module], name, None)
+        return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+    return None
+
+
+def code_trusted(trust_code: bool | None = None) -> bool:
+    """``trust_code`` if given, else whether ``LD3_TRUST_CHECKPOINT_CODE=1`` is set."""
+    return trust_code if trust_code is not None else os.environ.get(TRUST_ENV_VAR, "") == "1"
+
+
+def _opt_in_hint() -> str:
+    return f"if you trust the file, pass {TRUST_FLAG} or set {TRUST_ENV_VAR}=1"
+
+
+def _off_the_list(module: str, name: str) -> UntrustedCodeError:
+    return UntrustedCodeError(f"it references {module}.{name}, which would run code when loaded and is not on "
+                              f"ld3's allow-list of tensor/module rebuilders; {_opt_in_hint()}")
+
+
 class _EDMUnpickler(pickle.Unpickler):
-    """Unpickler that resolves ``torch_utils.*`` / ``dnnlib.*`` globals to the stand-ins (scoped to one load)."""
+    """Allow-list unpickler (module docstring); ``torch_utils.*`` / ``dnnlib.*`` resolve to the stand-ins, and
+    with ``trust_code`` the embedded source and any other global are allowed (scoped to one load)."""
+
+    def __init__(self, file: BinaryIO, *, trust_code: bool):
+        super().__init__(file)
+        self.trust_code = trust_code
 
     def find_class(self, module: str, name: str) -> Any:
         if module.partition(".")[0] in _STAND_IN_ROOTS:
-            try:
-                return getattr(_STAND_INS[module], name)
-            except (KeyError, AttributeError):
-                raise pickle.UnpicklingError(
-                    f"the pickle references {module}.{name}, which ld3's EDM loader does not provide"
-                ) from None
-        return super().find_class(module, name)
+            return self._stand_in(module, name)
+        found = _safe_global(module, name)
+        if found is not None:
+            return found
+        if self.trust_code:
+            return super().find_class(module, name)
+        raise _off_the_list(module, name)
+
+    def _stand_in(self, module: str, name: str) -> Any:
+        if not self.trust_code and (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+            raise UntrustedCodeError(f"it embeds Python source (EDM torch_utils.persistence) that runs when it is "
+                                     f"loaded; {_opt_in_hint()}")
+        if not self.trust_code and (module, name) not in _SAFE_STAND_INS:
+            raise _off_the_list(module, name)
+        try:
+            return getattr(_STAND_INS[module], name)
+        except (KeyError, AttributeError):
+            raise pickle.UnpicklingError(
+                f"the pickle references {module}.{name}, which ld3's EDM loader does not provide"
+            ) from None
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def read_edm_pickle(file: BinaryIO) -> Any:
-    """Unpickle an EDM-format pickle from an open binary file (WARNING: runs code; TRUST_WARNING)."""
-    return _EDMUnpickler(file).load()
+def read_edm_pickle(file: BinaryIO, *, trust_code: bool | None = None) -> Any:
+    """Unpickle an EDM-format pickle from an open binary file through the allow-list; with
+    :func:`code_trusted` the file's code runs (TRUST_WARNING). Raises UntrustedCodeError otherwise."""
+    return _EDMUnpickler(file, trust_code=code_trusted(trust_code)).load()
 
 
 def _is_edm_network(obj: Any) -> bool:
@@ -202,13 +298,15 @@ def _is_edm_network(obj: Any) -> bool:
     )
 
 
-def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
+def load_edm_network(path: str | os.PathLike, key: str = "ema", *, trust_code: bool | None = None) -> nn.Module:
     """Load the network stored under ``key`` of an EDM release pickle, frozen, on the CPU.
 
-    WARNING: unpickling runs code stored in the file (TRUST_WARNING); load only trusted files.
+    Release pickles embed their network's source: they load only with ``trust_code=True`` or
+    ``LD3_TRUST_CHECKPOINT_CODE=1`` (then the file's code runs: TRUST_WARNING).
 
     Raises:
         MissingWeightsError: the file does not exist.
+        UntrustedCodeError: loading would run code from the file and there is no opt-in.
         ValueError / EmbeddedCodeError: the file is not an EDM network pickle.
     """
     path = Path(path).expanduser()
@@ -219,7 +317,9 @@ def load_edm_network(path: str | os.PathLike, key: str = "ema") -> nn.Module:
         )
     with path.open("rb") as file:
         try:
-            data = read_edm_pickle(file)
+            data = read_edm_pickle(file, trust_code=trust_code)
+        except UntrustedCodeError as error:
+            raise UntrustedCodeError(f"refusing to load {path}: {error}") from None
         except (pickle.UnpicklingError, EOFError) as error:
             raise ValueError(
                 f"{path} is not an EDM network pickle ({error}); expected a network-snapshot-*.pkl / edm-*.pkl "
@@ -284,9 +384,7 @@ class EDMDenoiser(DenoiserAdapter):
         return self.net(x, sigma, class_labels=cond)
 
 
-def load_edm_denoiser(path: str | os.PathLike, *, key: str = "ema", **options: Any) -> EDMDenoiser:
-    """:func:`load_edm_network` + :class:`EDMDenoiser` (options: sigma_min, sigma_max, memory options).
-
-    WARNING: runs code stored in the pickle (TRUST_WARNING).
-    """
-    return EDMDenoiser(load_edm_network(path, key), **options)
+def load_edm_denoiser(path: str | os.PathLike, *, key: str = "ema", trust_code: bool | None = None,
+                      **options: Any) -> EDMDenoiser:
+    """:func:`load_edm_network` + :class:`EDMDenoiser` (options: sigma_min, sigma_max, memory options)."""
+    return EDMDenoiser(load_edm_network(path, key, trust_code=trust_code), **options)
