@@ -31,7 +31,6 @@ from torch import Tensor
 
 from ld3.schedules import NoiseSchedule
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
-from pipeline.tracking import code_version, jsonable
 
 if TYPE_CHECKING:
     from pipeline.tracking import StudyTracker, TrialLogger
@@ -55,7 +54,7 @@ class Provenance:
     config: dict[str, Any]
     mlflow_run_id: str | None = None
     study: str | None = None
-    code_version: str = field(default_factory=code_version)
+    code_version: str = field(default_factory=lambda: _tracking().code_version())
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -252,7 +251,7 @@ def build_export(
         sigmas=sigmas, timesteps=noise_schedule.t_from_sigma(sigmas),
         sigmas_eval=evals, timesteps_eval=None if evals is None else noise_schedule.t_from_sigma(evals),
         metrics={str(k): float(v) for k, v in metrics.items()},
-        provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
+        provenance=Provenance(teacher_cache_key=teacher_cache_key, config=_tracking().jsonable(config),
                               mlflow_run_id=mlflow_run_id, study=study),
     )
 
@@ -290,6 +289,13 @@ def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
         return ExportedSchedule.from_dict(document)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _tracking():
+    """``pipeline.tracking`` (imports mlflow), loaded only to build an export, so reading one needs torch alone."""
+    import pipeline.tracking
+
+    return pipeline.tracking
 
 
 def _slug(text: str) -> str:
