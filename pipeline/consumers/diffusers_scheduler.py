@@ -37,7 +37,7 @@ from torch import Tensor
 from ld3.models.diffusers_models import PREDICTION_TYPES, schedule_from_scheduler_config, x0_from_prediction
 from ld3.schedules import EDMSchedule, NoiseSchedule
 from ld3.solvers.registry import get_spec
-from pipeline.export import load_schedule
+from pipeline.export import load_schedule, native_schedule
 
 SUPPORTED_NOISE_SCHEDULES = ("vp_discrete", "edm")
 EDM_PREDICTION_TYPES = ("epsilon", "sample")
@@ -162,23 +162,18 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         schedule is refused).
         """
         exported = load_schedule(path)
-        if exported.noise_schedule == "vp_discrete" and scheduler_config is None:
-            raise ValueError(f"{path}: a vp_discrete schedule needs the model's scheduler config for its betas; "
-                             "pass LD3Scheduler.from_export(path, pipe.scheduler.config)")
+        try:
+            native_schedule(exported, scheduler_config)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}; pass LD3Scheduler.from_export(path, pipe.scheduler.config)") from None
         base = dict(scheduler_config or {})
-        betas = {key: base[key] for key in _BETA_KEYS if key in base}
-        scheduler = cls(
+        return cls(
             sigmas=exported.sigmas.tolist(), solver=exported.solver, solver_order=exported.order,
             sigmas_eval=None if exported.sigmas_eval is None else exported.sigmas_eval.tolist(),
             noise_schedule=exported.noise_schedule,
-            prediction_type=prediction_type or base.get("prediction_type", "epsilon"), **betas,
+            prediction_type=prediction_type or base.get("prediction_type", "epsilon"),
+            **{key: base[key] for key in _BETA_KEYS if key in base},
         )
-        native = scheduler.schedule.t_from_sigma(exported.sigmas)
-        gap = float((native - exported.timesteps).abs().max())
-        if gap > 1e-6 * max(1.0, float(exported.timesteps.abs().max())):
-            raise ValueError(f"{path}: the export's timesteps differ from this model's by up to {gap:.4g}; it was learned "
-                             "for a model with another noise schedule (check the scheduler config you passed)")
-        return scheduler
 
     # ---- the diffusers contract ------------------------------------------------------------------
     @property
