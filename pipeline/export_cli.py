@@ -56,8 +56,8 @@ def grid_table(exported: ExportedSchedule) -> str:
     """Header lines and one row per grid point: i, σ_i, σ'_i, native t_i, t'_i."""
     kind = "NOT LEARNED (interpolated)" if exported.mode == INTERPOLATED_MODE else f"mode {exported.mode}"
     lines = [
-        f"{exported.model}  {exported.solver}-o{exported.order}  NFE {exported.nfe}  N {exported.n_steps}  "
-        f"{exported.noise_schedule}  {kind}  decoupled: {'yes' if exported.decoupled else 'no'}",
+        (f"{exported.model}  {exported.solver}-o{exported.order}  NFE {exported.nfe}  N {exported.n_steps}  "
+         f"{exported.noise_schedule}  {kind}  decoupled: {'yes' if exported.decoupled else 'no'}"),
         "metrics: " + (", ".join(f"{k}={v:.6g}" for k, v in sorted(exported.metrics.items())) or "none"),
         f"{'i':>3} {'sigma':>14} {'sigma_eval':>14} {'t':>12} {'t_eval':>12}",
     ]
@@ -70,7 +70,9 @@ def grid_table(exported: ExportedSchedule) -> str:
 
 
 def _show(args: argparse.Namespace) -> str:
-    from pipeline.tracking import plot_schedule  # matplotlib (and mlflow): only for this command
+    from pipeline.tracking import (
+        plot_schedule,  # matplotlib (and mlflow): only for this command
+    )
 
     exported = load_export(args.file)
     plot_path = Path(args.plot or f"{Path(args.file).stem}.png")

@@ -51,7 +51,7 @@ def _run(language: str, code: str, folder: Path, capsys) -> str:
         return capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, check=False)
     assert result.returncode == 0, f"shell block failed:\n{code}\n{result.stderr[-2000:]}"
     return result.stdout
 

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from ld3.schedules import EDMSchedule, VPDiscreteSchedule
-from pipeline.export import build_export, load_schedule, loglinear_interpolation, save_export
+from pipeline.export import (
+    build_export,
+    load_schedule,
+    loglinear_interpolation,
+    save_export,
+)
 from pipeline.export_cli import main
 
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}

@@ -11,14 +11,23 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, LDMPipeline, StableDiffusionPipeline
 
-from ld3.models.diffusers_models import DiffusersDenoiser, load_latent_diffusion, load_pixel_diffusion
+from ld3.models.diffusers_models import (
+    DiffusersDenoiser,
+    load_latent_diffusion,
+    load_pixel_diffusion,
+    schedule_from_scheduler_config,
+)
 from ld3.models.gmm import default_gmm
 from ld3.models.stable_diffusion import load_stable_diffusion
 from ld3.sampling import sample
 from ld3.schedules import EDMSchedule
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
 from pipeline.export import build_export, save_export
-from pipeline.smoke_models import tiny_latent_pipeline, tiny_pixel_pipeline, tiny_stable_diffusion_pipeline
+from pipeline.smoke_models import (
+    tiny_latent_pipeline,
+    tiny_pixel_pipeline,
+    tiny_stable_diffusion_pipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,6 +146,38 @@ def test_stable_diffusion_pipeline_with_cfg_equals_ld3_sampling(tmp_path, stable
     expected = sample(stable_diffusion, solver, order, sigmas, z, sigmas_eval=sigmas_eval,
                       cond=stable_diffusion.encode_prompts(prompts))
     assert _relative_error(latents, expected) < RTOL
+
+
+@pytest.fixture(scope="module")
+def dit():
+    """A class-conditional DiT with ImageNet's 1000 classes (DiTPipeline's null class is id 1000) and CFG 4."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    folder = tiny_latent_pipeline(class_conditional=True)
+    torch.manual_seed(0)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    schedule_config = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
+    return DiffusersDenoiser(net, schedule_from_scheduler_config(schedule_config), autoencoder=vae, guidance_scale=4.0).double()
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+@pytest.mark.parametrize(("solver", "order"), [("heun", 2), ("unipc_bh2", 3), ("ipndm", 4)])
+def test_dit_pipeline_with_cfg_equals_ld3_sampling(tmp_path, dit, solver, order, decoupled):
+    """DiTPipeline steps a doubled batch (conditional and null class) and skips init_noise_sigma."""
+    from diffusers import DiTPipeline
+
+    scheduler, sigmas, sigmas_eval = _scheduler(tmp_path, dit, tiny_latent_pipeline(class_conditional=True), solver, order,
+                                                decoupled)
+    seen = _record_final_latents(scheduler)
+    DiTPipeline(transformer=dit.net, vae=dit.autoencoder, scheduler=scheduler)(
+        class_labels=[3, 999], guidance_scale=4.0, generator=torch.Generator().manual_seed(6),
+        num_inference_steps=N_STEPS, output_type="np")
+    z = torch.randn(2, *dit.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = sample(dit, solver, order, sigmas, z / scheduler.init_noise_sigma, sigmas_eval=sigmas_eval,
+                      cond=torch.tensor([3, 999]))
+    assert _relative_error(seen[-1][:2], expected) < RTOL
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])

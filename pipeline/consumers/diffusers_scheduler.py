@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -34,7 +34,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ld3.models.diffusers_models import PREDICTION_TYPES, schedule_from_scheduler_config, x0_from_prediction
+from ld3.models.diffusers_models import (
+    PREDICTION_TYPES,
+    schedule_from_scheduler_config,
+    x0_from_prediction,
+)
 from ld3.schedules import EDMSchedule, NoiseSchedule
 from ld3.solvers.registry import get_spec
 from pipeline.export import load_schedule, native_schedule
@@ -120,7 +124,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     diffusers attribute) is the number of network calls per solver step.
     """
 
-    _compatibles: list[str] = []
+    _compatibles: ClassVar[list[str]] = []  # no other scheduler shares this config
     order = 1
 
     @register_to_config
@@ -154,7 +158,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_export(cls, path: str | os.PathLike, scheduler_config: Mapping[str, Any] | None = None, *,
-                    prediction_type: str | None = None) -> "LD3Scheduler":
+                    prediction_type: str | None = None) -> LD3Scheduler:
         """The scheduler of the export file ``path`` for a model whose own scheduler config is
         ``scheduler_config`` (``pipe.scheduler.config``: its betas and prediction type; needed for VP models).
 
