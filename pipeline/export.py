@@ -346,20 +346,27 @@ def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
         raise ValueError(f"{path}: {err}") from None
 
 
-def native_schedule(exported: ExportedSchedule, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
-    """The noise schedule an export's ``timesteps`` are in: EDM/VE (time is σ) or discrete VP built from the
-    model's diffusers scheduler config (its betas). Refuses a config whose timesteps are not the export's."""
-    if exported.noise_schedule == "edm":
-        return EDMSchedule(sigma_min=float(exported.sigmas[-1]), sigma_max=float(exported.sigmas[0]))
-    if exported.noise_schedule != "vp_discrete":
-        raise ValueError(f"noise_schedule {exported.noise_schedule!r} is not supported here (only edm and vp_discrete)")
+def noise_schedule_named(name: str, sigmas: Tensor, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
+    """The noise schedule ``name`` of an export with grid ``sigmas``: EDM/VE (time is σ) or discrete VP built from
+    the model's diffusers scheduler config (its betas)."""
+    if name == "edm":
+        return EDMSchedule(sigma_min=float(sigmas.min()), sigma_max=float(sigmas.max()))
+    if name != "vp_discrete":
+        raise ValueError(f"noise_schedule {name!r} is not supported here (only edm and vp_discrete: diffusers has no "
+                         "pipelines for continuous-time VP models); sample with ld3.sampling.sample")
     if scheduler_config is None:
         raise ValueError("a vp_discrete schedule needs the model's scheduler config for its betas "
                          "(pipe.scheduler.config, or the file scheduler/scheduler_config.json of the model)")
     from ld3.models.diffusers_models import schedule_from_scheduler_config
 
     schedule = schedule_from_scheduler_config(scheduler_config)
-    schedule.check_sigmas(exported.sigmas, "sigmas")
+    schedule.check_sigmas(sigmas, "sigmas")
+    return schedule
+
+
+def native_schedule(exported: ExportedSchedule, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
+    """:func:`noise_schedule_named` of an export, refusing a scheduler config whose timesteps are not the export's."""
+    schedule = noise_schedule_named(exported.noise_schedule, exported.sigmas, scheduler_config)
     gap = float((schedule.t_from_sigma(exported.sigmas) - exported.timesteps).abs().max())
     if gap > 1e-6 * max(1.0, float(exported.timesteps.abs().max())):
         raise ValueError(f"the export's timesteps differ from this model's by up to {gap:.4g}; it was learned for a model "

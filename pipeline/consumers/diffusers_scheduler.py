@@ -34,16 +34,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ld3.models.diffusers_models import (
-    PREDICTION_TYPES,
-    schedule_from_scheduler_config,
-    x0_from_prediction,
-)
-from ld3.schedules import EDMSchedule, NoiseSchedule
+from ld3.models.diffusers_models import PREDICTION_TYPES, x0_from_prediction
 from ld3.solvers.registry import get_spec
-from pipeline.export import load_schedule, native_schedule
+from pipeline.export import load_schedule, native_schedule, noise_schedule_named
 
-SUPPORTED_NOISE_SCHEDULES = ("vp_discrete", "edm")
 EDM_PREDICTION_TYPES = ("epsilon", "sample")
 _BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 ToDenoised = Callable[[Tensor, Tensor, Tensor], Tensor]  # (model output, x, sigma [B]) -> D(x, sigma)
@@ -88,8 +82,6 @@ class SolverReplay:
             final = self.solve(replayed_denoiser, self.x_start, self.sigmas, self.sigmas_eval, order=self.order)
         except _NextEvaluation as pending:
             return pending.x, pending.sigma
-        if calls != len(self.outputs):
-            raise ValueError(f"step() was called {len(self.outputs)} times, but the solver evaluates only {calls} times")
         return final, None
 
 
@@ -142,11 +134,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
     ):
-        self.schedule = _noise_schedule(self.config)
         _check_prediction_type(noise_schedule, prediction_type)
         self.step_sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         self.eval_sigmas = None if sigmas_eval is None else torch.as_tensor(sigmas_eval, dtype=torch.float64)
-        self.schedule.check_sigmas(self.step_sigmas, "sigmas")
+        self.schedule = noise_schedule_named(noise_schedule, self.step_sigmas, self.config)
         self.call_sigmas = evaluation_sigmas(solver, solver_order, self.step_sigmas, self.eval_sigmas)
         self.order = get_spec(solver).calls_per_step
         self.num_inference_steps = self.step_sigmas.numel() - 1
@@ -255,16 +246,6 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if self._returned is not None and not torch.equal(sample, self._returned):
             raise ValueError("the latents passed to step() differ from those the previous step returned; LD3Scheduler "
                              "steps its solver from its own state, so editing latents between steps is not supported")
-
-
-def _noise_schedule(config: Mapping[str, Any]) -> NoiseSchedule:
-    name = config["noise_schedule"]
-    if name == "vp_discrete":
-        return schedule_from_scheduler_config(config)
-    if name == "edm":
-        return EDMSchedule(sigma_min=min(config["sigmas"]), sigma_max=max(config["sigmas"]))
-    raise ValueError(f"noise_schedule {name!r} is not supported by LD3Scheduler (only {SUPPORTED_NOISE_SCHEDULES}: "
-                     "diffusers has no pipelines for continuous-time VP models); sample with ld3.sampling.sample")
 
 
 def _check_prediction_type(noise_schedule: str, prediction_type: str) -> None:
