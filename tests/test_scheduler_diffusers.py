@@ -1,8 +1,9 @@
 """LD3Scheduler in real diffusers pipelines reproduces ld3.sampling.sample (every solver, decoupled or not).
 
 Models: the project's tiny random checkpoints (pipeline/smoke_models.py) of the pixel (DDPMPipeline), latent
-(LDMPipeline, VQ autoencoder) and Stable Diffusion (StableDiffusionPipeline, CFG 7.5) families, and the exact
-Gaussian mixture (EDM schedule) in a hand-written diffusers-style loop.
+(LDMPipeline, VQ autoencoder; DiTPipeline, class-conditional with CFG) and Stable Diffusion
+(StableDiffusionPipeline, CFG 7.5) families; the EDM network pickle and the exact Gaussian mixture (EDM schedule)
+in a hand-written diffusers-style loop (diffusers has no pipeline for EDM pickles).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ld3.models.diffusers_models import (
     load_pixel_diffusion,
     schedule_from_scheduler_config,
 )
+from ld3.models.edm import load_edm_denoiser
 from ld3.models.gmm import default_gmm
 from ld3.models.stable_diffusion import load_stable_diffusion
 from ld3.sampling import sample
@@ -24,6 +26,7 @@ from ld3.schedules import EDMSchedule
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
 from pipeline.export import build_export, save_export
 from pipeline.smoke_models import (
+    tiny_edm_pickle,
     tiny_latent_pipeline,
     tiny_pixel_pipeline,
     tiny_stable_diffusion_pipeline,
@@ -81,6 +84,11 @@ def pixel():
 @pytest.fixture(scope="module")
 def latent():
     return load_latent_diffusion(tiny_latent_pipeline())  # LDMPipeline draws float32 latents
+
+
+@pytest.fixture(scope="module")
+def edm():
+    return load_edm_denoiser(tiny_edm_pickle(image_shape=(3, 8, 8)))  # the project's own pickle: trusted
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +221,21 @@ def test_edm_schedule_in_a_diffusers_style_loop(tmp_path, solver, order, predict
         x = scheduler.step(network(scheduler.scale_model_input(x, t), t), t, x).prev_sample
     expected = sample(gmm, solver, order, sigmas, z, sigmas_eval=sigmas_eval)
     assert _relative_error(x, expected) < 1e-12
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+@pytest.mark.parametrize(("solver", "order"), SOLVERS)
+def test_edm_network_pickle_in_a_diffusers_style_loop(tmp_path, edm, solver, order, decoupled):
+    """An EDM preconditioned network (it returns D: prediction type "sample"), float32 inside, latents float64."""
+    path, sigmas, sigmas_eval = _export(tmp_path, edm.schedule, solver, order, decoupled)
+    scheduler = LD3Scheduler.from_export(path, prediction_type="sample")
+    z = torch.randn(2, *edm.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x = z * scheduler.init_noise_sigma
+    scheduler.set_timesteps(N_STEPS)
+    for t in scheduler.timesteps:
+        x = scheduler.step(edm.net(scheduler.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
+    assert x.dtype == torch.float64
+    assert _relative_error(x, sample(edm, solver, order, sigmas, z, sigmas_eval=sigmas_eval)) < RTOL
 
 
 def test_timesteps_are_the_evaluation_points(tmp_path, pixel):

@@ -220,9 +220,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                                         self.eval_sigmas, x_start, self._to_denoised)
         x_next, sigma_next = self._replay.advance(model_output)
         prev_sample = x_next if sigma_next is None else x_next * self._alpha(sigma_next).reshape(-1, *[1] * (x_next.ndim - 1))
-        self._returned = prev_sample.to(model_output.dtype)
+        self._returned = prev_sample.to(sample.dtype)
         self._step_index += 1
-        denoised = self._replay.last_denoised.to(model_output.dtype)
+        denoised = self._replay.last_denoised.to(sample.dtype)
         return LD3SchedulerOutput(self._returned, denoised) if return_dict else (self._returned, denoised)
 
     # ---- helpers ---------------------------------------------------------------------------------
