@@ -42,6 +42,8 @@ EXPORTS_ARTIFACT_DIR = "exports"
 INTERPOLATED_MODE = "interpolated"  # mode of a schedule resized by interpolated_export (not learned)
 # Who can evaluate the denoiser at sigmas_eval (decoupled schedules); every other consumer takes the step grid only.
 HONOURS_SIGMAS_EVAL = ("ld3.sampling.sample", "pipeline.consumers.diffusers_scheduler.LD3Scheduler")
+K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS = "k-diffusion samplers", "ComfyUI custom sigmas", "diffusers' built-in schedulers"
+STEP_GRID_CONSUMERS = (K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS)  # they evaluate at their step points
 # Nearest ComfyUI / k-diffusion-style sampler of each (solver, order): same method, warm-up details may differ.
 COMFYUI_SAMPLERS = {("euler", 1): "euler", ("heun", 2): "heun", ("dpm_solver_2", 2): "dpm_2", ("dpmpp", 2): "dpmpp_2m",
                     ("unipc_bh1", 3): "uni_pc", ("unipc_bh2", 3): "uni_pc_bh2", ("ipndm", 4): "ipndm"}
@@ -223,7 +225,7 @@ class ExportedSchedule:
         return rounded.tolist()
 
     def _check_diffusers(self, ignore_decoupled: bool) -> None:
-        self.check_step_grid_consumer("diffusers' built-in schedulers", ignore_decoupled)
+        self.check_step_grid_consumer(DIFFUSERS_SCHEDULERS, ignore_decoupled)
 
     # ---------------------------------------------------------------------------------------------
     # k-diffusion, ComfyUI and the consumers block of the file
@@ -232,13 +234,13 @@ class ExportedSchedule:
         """The N+1 σ of k-diffusion-style samplers (``sample_euler(model, x, sigmas)``, ComfyUI's SIGMAS):
         σ_0 … σ_{N-1} and a final 0, in the model's native σ (for VP models ``sqrt((1 - ᾱ)/ᾱ)``, the EDM σ
         those samplers use). N steps as learned; the last one lands on σ = 0 instead of σ_N."""
-        self.check_step_grid_consumer("k-diffusion samplers", ignore_decoupled)
+        self.check_step_grid_consumer(K_DIFFUSION, ignore_decoupled)
         return self.sigmas[:-1].tolist() + [0.0]
 
     def comfyui_sigmas(self, *, ignore_decoupled: bool = False) -> str:
         """:meth:`k_diffusion_sigmas` as the comma-separated string ComfyUI's custom-sigmas nodes (ManualSigmas)
         parse; every value is written with Python's shortest exact repr, so parsing it back is lossless."""
-        self.check_step_grid_consumer("ComfyUI custom sigmas", ignore_decoupled)
+        self.check_step_grid_consumer(COMFYUI, ignore_decoupled)
         return ", ".join(repr(value) for value in self.k_diffusion_sigmas(ignore_decoupled=True))
 
     def check_step_grid_consumer(self, consumer: str, ignore_decoupled: bool) -> None:
@@ -247,9 +249,9 @@ class ExportedSchedule:
         if self.decoupled and not ignore_decoupled:
             raise ValueError(
                 f"this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and {consumer} "
-                f"evaluate at their step points: only {' and '.join(HONOURS_SIGMAS_EVAL)} honour sigmas_eval; pass "
-                "ignore_decoupled=True (CLI: --ignore-decoupled) to use the step grid alone (its quality then differs "
-                "from the exported metrics)"
+                f"evaluate at their step points; consumers that cannot honour sigmas_eval: {', '.join(STEP_GRID_CONSUMERS)}; "
+                f"that can: {', '.join(HONOURS_SIGMAS_EVAL)}; pass ignore_decoupled=True (CLI: --ignore-decoupled) to "
+                "use the step grid alone (its quality then differs from the exported metrics)"
             )
 
     def consumer_formats(self) -> dict[str, Any]:

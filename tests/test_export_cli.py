@@ -77,7 +77,8 @@ def test_an_edited_consumers_block_is_refused(tmp_path):
 def test_decoupled_exports_refuse_step_grid_consumers_unless_asked(tmp_path):
     exported = load_schedule(_save(tmp_path, decoupled=True))
     for consumer in (exported.k_diffusion_sigmas, exported.comfyui_sigmas, exported.diffusers_sigmas):
-        with pytest.raises(ValueError, match="only ld3.sampling.sample and .*LD3Scheduler honour sigmas_eval"):
+        with pytest.raises(ValueError, match="cannot honour sigmas_eval: k-diffusion samplers, ComfyUI custom sigmas, "
+                                             "diffusers' built-in schedulers; that can: ld3.sampling.sample, .*LD3Scheduler"):
             consumer()
     assert exported.k_diffusion_sigmas(ignore_decoupled=True) == exported.sigmas[:-1].tolist() + [0.0]
     assert exported.consumer_formats()["step_grid_only"] is True
