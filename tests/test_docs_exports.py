@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from ld3.schedules import VPDiscreteSchedule
+from pipeline import export_cli
 from pipeline.export import build_export, load_schedule, save_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,16 +46,30 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(language: str, code: str, folder: Path, capsys) -> str:
-    """stdout of one block: Python in this process (its imports are already loaded), shell in a subprocess."""
+def shell_commands(code: str) -> list[list[str]]:
+    """The commands of a shell block: continuation lines joined, comments dropped, split like the shell does."""
+    return [shlex.split(line, comments=True) for line in code.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _run(language: str, code: str, capsys) -> str:
+    """stdout of one block, run in this process (its imports are loaded once): Python as is; shell commands
+    ``python -m pipeline.export_cli ...`` through that module's ``main`` and ``cat`` (the only ones the page uses)."""
     if language == "python":
         exec(compile(code, str(DOC), "exec"), {"__name__": "__main__"})  # noqa: S102 - the project's own document
         return capsys.readouterr().out
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=300, check=False)
-    assert result.returncode == 0, f"shell block failed:\n{code}\n{result.stderr[-2000:]}"
-    return result.stdout
+    for command in shell_commands(code):
+        if command[:3] == ["python", "-m", "pipeline.export_cli"]:
+            assert export_cli.main(command[3:]) == 0, capsys.readouterr().err
+        else:
+            assert command[0] == "cat" and len(command) == 2, f"docs/exports.md uses a command this test cannot run: {command}"
+            print(Path(command[1]).read_text(encoding="utf-8"), end="")
+    return capsys.readouterr().out
+
+
+def test_the_cli_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "pipeline.export_cli", "--help"], cwd=REPO, capture_output=True,
+                            text=True, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and all(name in result.stdout for name in ("show", "convert", "compare", "interpolate"))
 
 
 def test_the_document_has_an_example_per_consumer():
@@ -64,7 +80,7 @@ def test_the_document_has_an_example_per_consumer():
 
 def test_every_code_block_runs(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
-    outputs = [_run(language, code, workdir, capsys) for language, code in code_blocks()]
+    outputs = [_run(language, code, capsys) for language, code in code_blocks()]
     diffusers_out, k_diffusion_out, comfyui_out = outputs[:3]
     assert "(2, 8, 8, 3) network calls: 5" in diffusers_out
     exported = load_schedule(workdir / "schedule.json")
