@@ -8,6 +8,10 @@ in a hand-written diffusers-style loop (diffusers has no pipeline for EDM pickle
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, LDMPipeline, StableDiffusionPipeline
@@ -279,3 +283,10 @@ def test_misuse_is_a_clear_error(tmp_path, pixel):
     x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
     with pytest.raises(ValueError, match="editing latents"):
         scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], x + 1)
+
+
+def test_without_diffusers_the_import_error_says_how_to_install():
+    code = ("import sys\nsys.modules['diffusers'] = None  # as if not installed\ntry:\n"
+            "    import pipeline.consumers.diffusers_scheduler\nexcept ImportError as error:\n"
+            "    assert \"pip install -e '.[models]'\" in str(error), error\nelse:\n    raise SystemExit('imported')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

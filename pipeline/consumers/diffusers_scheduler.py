@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
 from torch import Tensor
+
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from diffusers.utils import BaseOutput
+except ImportError as error:  # diffusers is an optional dependency (the "models" extra)
+    raise ImportError(f"LD3Scheduler needs diffusers ({error}); install it with pip install -e '.[models]'") from error
 
 from ld3.models.diffusers_models import PREDICTION_TYPES, x0_from_prediction
 from ld3.solvers.registry import get_spec
