@@ -3,11 +3,14 @@
 A file holds (schema version 1):
   ``schema_version``, ``model``, ``solver``, ``order``, ``nfe``, ``n_steps``, ``noise_schedule`` (the
   ``NoiseSchedule.name`` whose native time ``timesteps`` are in), ``mode`` (``"lambda"``/``"time"`` for a
-  learned grid, the baseline's name for a fixed one), ``decoupled``;
+  learned grid, the baseline's name for a fixed one, ``"interpolated"`` for one resized by
+  ``interpolated_export``: not learned), ``decoupled``;
   ``sigmas`` (N+1, descending, σ_max … σ_min, EDM form), ``sigmas_eval`` (N+1 decoupled evaluation
   points, or null), ``timesteps`` / ``timesteps_eval`` (the same points in the model's native time,
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
-  config, code version, creation time in UTC).
+  config, code version, creation time in UTC), and ``consumers`` (derived from the grid, checked on load,
+  optional: what k-diffusion-style samplers, ComfyUI and diffusers schedulers take, see
+  ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
 
 ``load_schedule(path)`` validates a file and returns an ``ExportedSchedule``: ``.sigmas`` /
 ``.sigmas_eval`` are float64 tensors for ``ld3.solvers``; ``diffusers_sigmas()`` and
