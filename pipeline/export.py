@@ -3,11 +3,14 @@
 A file holds (schema version 1):
   ``schema_version``, ``model``, ``solver``, ``order``, ``nfe``, ``n_steps``, ``noise_schedule`` (the
   ``NoiseSchedule.name`` whose native time ``timesteps`` are in), ``mode`` (``"lambda"``/``"time"`` for a
-  learned grid, the baseline's name for a fixed one), ``decoupled``;
+  learned grid, the baseline's name for a fixed one, ``"interpolated"`` for one resized by
+  ``interpolated_export``: not learned), ``decoupled``;
   ``sigmas`` (N+1, descending, σ_max … σ_min, EDM form), ``sigmas_eval`` (N+1 decoupled evaluation
   points, or null), ``timesteps`` / ``timesteps_eval`` (the same points in the model's native time,
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
-  config, code version, creation time in UTC).
+  config, code version, creation time in UTC), and ``consumers`` (derived from the grid, checked on load,
+  optional: what k-diffusion-style samplers, ComfyUI and diffusers schedulers take, see
+  ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
 
 ``load_schedule(path)`` validates a file (schema and keys; a known solver, its order and the NFE it spends
 on the grid; a known noise schedule and native times that fit the σ; σ within ``SIGMA_RANGE``; one-line
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +49,14 @@ EXPORTS_ARTIFACT_DIR = "exports"
 NOISE_SCHEDULES = tuple(c.name for c in (EDMSchedule, VPLinearSchedule, VPCosineSchedule, VPDiscreteSchedule))
 SIGMA_RANGE = (1e-5, 1e4)  # EDM-form σ of every published diffusion model lies inside (VE's largest: ~1350)
 _CONTINUOUS_TIME = (VPLinearSchedule.name, VPCosineSchedule.name)  # native time in (0, 1]
+INTERPOLATED_MODE = "interpolated"  # mode of a schedule resized by interpolated_export (not learned)
+# Who can evaluate the denoiser at sigmas_eval (decoupled schedules); every other consumer takes the step grid only.
+HONOURS_SIGMAS_EVAL = ("ld3.sampling.sample", "pipeline.consumers.diffusers_scheduler.LD3Scheduler")
+K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS = "k-diffusion samplers", "ComfyUI custom sigmas", "diffusers' built-in schedulers"
+STEP_GRID_CONSUMERS = (K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS)  # they evaluate at their step points
+# Nearest ComfyUI / k-diffusion-style sampler of each (solver, order): same method, warm-up details may differ.
+COMFYUI_SAMPLERS = {("euler", 1): "euler", ("heun", 2): "heun", ("dpm_solver_2", 2): "dpm_2", ("dpmpp", 2): "dpmpp_2m",
+                    ("unipc_bh1", 3): "uni_pc", ("unipc_bh2", 3): "uni_pc_bh2", ("ipndm", 4): "ipndm"}
 
 _TOP_LEVEL_KEYS = (
     "schema_version", "model", "solver", "order", "nfe", "n_steps", "noise_schedule", "mode", "decoupled",
@@ -148,6 +160,7 @@ class ExportedSchedule:
             "timesteps_eval": None if self.timesteps_eval is None else self.timesteps_eval.tolist(),
             "metrics": dict(self.metrics),
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_KEYS},
+            "consumers": self.consumer_formats(),
         }
 
     def to_json(self) -> str:
@@ -157,6 +170,8 @@ class ExportedSchedule:
     def from_dict(cls, document: Any) -> "ExportedSchedule":
         """Validate a parsed export (schema version, keys, lengths, monotonicity) and build it."""
         _require(isinstance(document, dict), "document", "must be a JSON object")
+        document = dict(document)
+        consumers = document.pop("consumers", None)  # optional, derived from the grid (consumer_formats)
         version = document.get("schema_version")
         _require(version == SCHEMA_VERSION, "schema_version",
                  f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
@@ -176,6 +191,8 @@ class ExportedSchedule:
                  f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
         _require(document["decoupled"] == exported.decoupled, "decoupled",
                  f"is {document['decoupled']!r} but sigmas_eval is {'set' if exported.decoupled else 'null'}")
+        _require(consumers is None or consumers == exported.consumer_formats(), "consumers",
+                 "does not match sigmas (was the file edited?); delete the consumers block or re-export")
         return exported
 
     # ---------------------------------------------------------------------------------------------
@@ -223,12 +240,55 @@ class ExportedSchedule:
         return rounded.tolist()
 
     def _check_diffusers(self, ignore_decoupled: bool) -> None:
+        self.check_step_grid_consumer(DIFFUSERS_SCHEDULERS, ignore_decoupled)
+
+    # ---------------------------------------------------------------------------------------------
+    # k-diffusion, ComfyUI and the consumers block of the file
+
+    def k_diffusion_sigmas(self, *, ignore_decoupled: bool = False) -> list[float]:
+        """The N+1 σ of k-diffusion-style samplers (``sample_euler(model, x, sigmas)``, ComfyUI's SIGMAS):
+        σ_0 … σ_{N-1} and a final 0, in the model's native σ (for VP models ``sqrt((1 - ᾱ)/ᾱ)``, the EDM σ
+        those samplers use). N steps as learned; the last one lands on σ = 0 instead of σ_N."""
+        self.check_step_grid_consumer(K_DIFFUSION, ignore_decoupled)
+        return self.sigmas[:-1].tolist() + [0.0]
+
+    def comfyui_sigmas(self, *, ignore_decoupled: bool = False) -> str:
+        """:meth:`k_diffusion_sigmas` as the comma-separated string ComfyUI's custom-sigmas nodes (ManualSigmas)
+        parse; every value is written with Python's shortest exact repr, so parsing it back is lossless."""
+        self.check_step_grid_consumer(COMFYUI, ignore_decoupled)
+        return ", ".join(repr(value) for value in self.k_diffusion_sigmas(ignore_decoupled=True))
+
+    def check_step_grid_consumer(self, consumer: str, ignore_decoupled: bool) -> None:
+        """Refuse to hand a decoupled schedule to ``consumer`` (one that evaluates at its step points) unless the
+        caller chose to drop the decoupling (``ignore_decoupled=True``)."""
         if self.decoupled and not ignore_decoupled:
             raise ValueError(
-                "this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and diffusers "
-                "schedulers evaluate at their step points; sample with an ld3 solver, or pass ignore_decoupled=True "
-                "to use the step grid alone (its quality then differs from the exported metrics)"
+                f"this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and {consumer} "
+                f"evaluate at their step points; consumers that cannot honour sigmas_eval: {', '.join(STEP_GRID_CONSUMERS)}; "
+                f"that can: {', '.join(HONOURS_SIGMAS_EVAL)}; pass ignore_decoupled=True (CLI: --ignore-decoupled) to "
+                "use the step grid alone (its quality then differs from the exported metrics)"
             )
+
+    def consumer_formats(self) -> dict[str, Any]:
+        """What other samplers take, as stored in the file's ``consumers`` block (derived from the grid).
+
+        For a decoupled schedule the lists are the step grid alone (``step_grid_only``: they lose the
+        decoupling); ``honours_sigmas_eval`` names the consumers that keep it.
+        """
+        try:
+            timesteps = self.diffusers_timesteps(ignore_decoupled=True)
+        except ValueError:  # no training-step time (EDM/VE), or two steps round to the same integer
+            timesteps = None
+        return {
+            "solver": self.solver, "order": self.order,
+            "comfyui_sampler": COMFYUI_SAMPLERS.get((self.solver, self.order)),
+            "step_grid_only": self.decoupled,
+            "honours_sigmas_eval": list(HONOURS_SIGMAS_EVAL),
+            "k_diffusion_sigmas": self.k_diffusion_sigmas(ignore_decoupled=True),
+            "comfyui_sigmas": self.comfyui_sigmas(ignore_decoupled=True),
+            "diffusers_sigmas": self.diffusers_sigmas(ignore_decoupled=True),
+            "diffusers_timesteps": timesteps,
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +366,64 @@ def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
         return ExportedSchedule.from_dict(document)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def noise_schedule_named(name: str, sigmas: Tensor, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
+    """The noise schedule ``name`` of an export with grid ``sigmas``: EDM/VE (time is σ) or discrete VP built from
+    the model's diffusers scheduler config (its betas)."""
+    if name == "edm":
+        return EDMSchedule(sigma_min=float(sigmas.min()), sigma_max=float(sigmas.max()))
+    if name != "vp_discrete":
+        raise ValueError(f"noise_schedule {name!r} is not supported here (only edm and vp_discrete: diffusers has no "
+                         "pipelines for continuous-time VP models); sample with ld3.sampling.sample")
+    if scheduler_config is None:
+        raise ValueError("a vp_discrete schedule needs the model's scheduler config for its betas "
+                         "(pipe.scheduler.config, or the file scheduler/scheduler_config.json of the model)")
+    from ld3.models.diffusers_models import schedule_from_scheduler_config
+
+    schedule = schedule_from_scheduler_config(scheduler_config)
+    schedule.check_sigmas(sigmas, "sigmas")
+    return schedule
+
+
+def native_schedule(exported: ExportedSchedule, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
+    """:func:`noise_schedule_named` of an export, refusing a scheduler config whose timesteps are not the export's."""
+    schedule = noise_schedule_named(exported.noise_schedule, exported.sigmas, scheduler_config)
+    gap = float((schedule.t_from_sigma(exported.sigmas) - exported.timesteps).abs().max())
+    if gap > 1e-6 * max(1.0, float(exported.timesteps.abs().max())):
+        raise ValueError(f"the export's timesteps differ from this model's by up to {gap:.4g}; it was learned for a model "
+                         "with another noise schedule (check the scheduler config)")
+    return schedule
+
+
+def loglinear_interpolation(sigmas: Tensor, n_steps: int) -> Tensor:
+    """``n_steps + 1`` values: log σ interpolated linearly over the normalised step index i/N (as Align Your
+    Steps resizes its schedules); both endpoints are kept exactly."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    log_sigmas = sigmas.to(torch.float64).log()
+    position = torch.linspace(0, log_sigmas.numel() - 1, n_steps + 1, dtype=torch.float64)
+    left = position.floor().long().clamp(max=log_sigmas.numel() - 2)
+    fraction = position - left
+    resized = torch.exp(log_sigmas[left] + fraction * (log_sigmas[left + 1] - log_sigmas[left]))
+    resized[[0, -1]] = sigmas[[0, -1]].to(torch.float64)
+    return resized
+
+
+def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: NoiseSchedule, source: str) -> ExportedSchedule:
+    """``exported`` resized to ``n_steps`` steps by :func:`loglinear_interpolation` (σ and σ_eval alike), labelled
+    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``."""
+    from ld3.solvers.registry import get_spec
+
+    return build_export(
+        sigmas=loglinear_interpolation(exported.sigmas, n_steps),
+        sigmas_eval=None if exported.sigmas_eval is None else loglinear_interpolation(exported.sigmas_eval, n_steps),
+        noise_schedule=schedule, model=exported.model, solver=exported.solver, order=exported.order,
+        nfe=get_spec(exported.solver).calls_per_step * n_steps, mode=INTERPOLATED_MODE, metrics={},
+        config={"not_learned": f"log-sigma interpolation of {source} ({exported.n_steps} steps, mode {exported.mode}) "
+                               f"to {n_steps} steps", "source_config": exported.provenance.config},
+        teacher_cache_key=exported.provenance.teacher_cache_key, study=exported.provenance.study,
+    )
 
 
 def _slug(text: str) -> str:
