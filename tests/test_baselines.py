@@ -219,3 +219,12 @@ def test_literature_baselines_are_selectable_as_the_ld3_prior(gmm_cells, prior):
     assert prior in BASELINE_NAMES
     result = train_ld3(gmm, "unipc_bh1", 3, EDM, data, data, config, n_steps=4)
     torch.testing.assert_close(result.sigmas.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_schedule_plot_labels_baselines_with_their_cost():
+    from pipeline.tracking import plot_schedule
+
+    grid = edm_rho(4, EDM)
+    figure = plot_schedule(grid, None, baselines={"gits": grid * 0.9, "edm_rho": grid}, costs={"gits": 0.25})
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels[:2] == ["baseline: edm_rho", "baseline: gits (0.25 s)"]
