@@ -6,8 +6,10 @@
   trajectories; dynamic programming picks the N-step sub-grid of least (weighted) total cost. Model-dependent.
 - **DMN** (Xue et al. 2024, "Accelerating Diffusion Sampling with Optimized Time Steps", arXiv 2402.17376,
   CVPR 2024, the "DM-NonUniform" method): the half log-SNR steps that minimise a data-free bound on the
-  local errors of a third-order multistep data-prediction solver (the paper's eq. for the objective, as in
-  its reference implementation ``step_optim.py``). Depends only on the sigma range.
+  local errors of a third-order multistep data-prediction solver. The objective follows the authors'
+  reference implementation (``step_optim.py`` of scxue/DM-NonUniform); the paper's own equations could not be
+  read here, only its abstract (which names the same problem and the constrained trust-region solver).
+  Depends only on the sigma range.
 - **AYS** (Sabour et al. 2024, "Align Your Steps", arXiv 2404.14507): NVIDIA's published 10-step sigma lists
   for the models they optimised (SD 1.5, SDXL, Stable Video Diffusion), log-linearly interpolated to
   other step counts as the authors recommend. Only for those models; elsewhere unavailable, never invented.
@@ -21,14 +23,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ld3.discretizations import BASELINES, _check_n_steps, _pin_endpoints, logsnr_uniform, sigma_range, time_uniform
+from ld3.discretizations import (
+    BASELINES,
+    _check_n_steps,
+    _pin_endpoints,
+    logsnr_uniform,
+    sigma_range,
+    time_uniform,
+)
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import Denoiser, ipndm
 
@@ -348,8 +356,3 @@ def cell_baselines(n_steps: int, schedule: NoiseSchedule, denoiser: Denoiser, z:
                             gits_config=gits_config)
         grids[name] = TimedGrid(sigmas, time.perf_counter() - started)
     return grids
-
-
-def grids_of(timed: Mapping[str, TimedGrid]) -> dict[str, Tensor]:
-    """Just the sigma grids of :func:`cell_baselines`' result."""
-    return {name: grid.sigmas for name, grid in timed.items()}

@@ -42,7 +42,9 @@ DIFFUSERS_KEYS = {"sd15": "StableDiffusionSigmas", "sdxl": "StableDiffusionXLSig
 
 @pytest.mark.parametrize("model", sorted(AYS_SIGMAS))
 def test_ays_lists_are_the_published_ones(model):
-    from diffusers.schedulers.scheduling_utils import AysSchedules  # NVIDIA's lists, 0.0 appended for diffusers
+    from diffusers.schedulers.scheduling_utils import (
+        AysSchedules,  # NVIDIA's lists, 0.0 appended for diffusers
+    )
 
     published = AysSchedules[DIFFUSERS_KEYS[model]]
     assert len(AYS_SIGMAS[model]) == 11 and list(AYS_SIGMAS[model][:10]) == published[:10] and published[10] == 0.0
@@ -108,7 +110,7 @@ def test_dmn_reaches_the_reference_optimiser_s_minimum():
 
     n = 4
     start, end = -math.log(EDM.sigma_max), -math.log(EDM.sigma_min)
-    objective = lambda v: float(dmn_objective(torch.tensor(np.concatenate([[start], v, [end]])), 1.0))  # noqa: E731
+    objective = lambda v: float(dmn_objective(torch.tensor(np.concatenate([[start], v, [end]])), 1.0))
     ordered = np.eye(n, n - 1) - np.eye(n, n - 1, -1)  # lambda_1 - lambda_T >= 0, ..., lambda_eps - lambda_{N-1} >= 0
     bounds = np.r_[start, np.zeros(n - 2), -end]
     reference = minimize(objective, -logsnr_uniform(n, EDM).log().numpy()[1:-1], method="trust-constr",
@@ -127,7 +129,7 @@ def test_dynamic_programming_finds_the_least_weighted_path():
     cost[torch.ones_like(cost).tril().bool()] = math.inf
 
     def weighted(path):  # V = C(k0, k1) + coeff (C(k1, k2) + coeff (...))
-        return sum(coeff**k * float(cost[a, b]) for k, (a, b) in enumerate(zip(path, path[1:])))
+        return sum(coeff**k * float(cost[a, b]) for k, (a, b) in enumerate(itertools.pairwise(path)))
 
     best = min(([0, *inner, m] for inner in itertools.combinations(range(1, m), n - 1)), key=weighted)
     assert gits_dynamic_programming(cost, n, coeff) == best
@@ -201,7 +203,7 @@ def test_cell_baselines_times_every_available_grid(gmm_cells):
     timed = cell_baselines(4, EDM, gmm, gits_z)
     assert sorted(timed) == sorted(["time_uniform", "time_quadratic", "logsnr_uniform", "edm_rho", "dmn", "gits"])
     assert all(grid.cost_s >= 0 and grid.sigmas.shape == (5,) for grid in timed.values())
-    zero_denoiser = lambda x, sigma, cond=None: torch.zeros_like(x)  # noqa: E731
+    zero_denoiser = lambda x, sigma, cond=None: torch.zeros_like(x)
     sd_cell = cell_baselines(4, SD, zero_denoiser, torch.randn(2, 4, 2, 2, dtype=torch.float64), ays_model="sd15",
                              latent=True, gits_config=GITSConfig(fine_steps=8))
     torch.testing.assert_close(sd_cell["ays_sd15"].sigmas, ays(4, SD, "sd15"), rtol=0, atol=0)
