@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ld3.baselines import BASELINE_NAMES, named_grid
 from ld3.cuda_graphs import GraphedSolver
-from ld3.discretizations import BASELINES, LearnableDiscretization
+from ld3.discretizations import LearnableDiscretization
 from ld3.losses import LOSS_NAMES, LossFn, get_loss
 from ld3.sampling import sample_losses, solve_from_latents
 from ld3.schedules import NoiseSchedule
@@ -77,7 +78,7 @@ class LD3Config:
     mode: str = "lambda"  # "lambda" (half log-SNR) or "time" (native time) parametrisation
     decoupled: bool = True  # learn a separate set of denoiser evaluation points σ_eval
     win_rate: float = 0.5  # window of σ_eval around σ, fraction of the smallest gap
-    init_prior: str | tuple[float, ...] | None = None  # baseline name or σ grid to fit ξ to first
+    init_prior: str | tuple[float, ...] | None = None  # ld3.baselines name (incl. gits, dmn, ays_sd15) or σ grid to fit ξ to first
     loss: str = "l2"  # "l2" | "l1" | "lpips" (ld3.losses), unless train_ld3 gets loss_fn=
     grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
     compile: bool = False  # torch.compile the denoiser
@@ -118,8 +119,8 @@ class LD3Config:
             if not ok:
                 raise ValueError(f"LD3Config.{name} must be {expected}, got {getattr(self, name)!r}")
         prior = self.init_prior
-        if isinstance(prior, str) and prior not in BASELINES:
-            raise ValueError(f"LD3Config.init_prior must be one of {sorted(BASELINES)} or a σ grid, got {prior!r}")
+        if isinstance(prior, str) and prior not in BASELINE_NAMES:
+            raise ValueError(f"LD3Config.init_prior must be one of {list(BASELINE_NAMES)} or a σ grid, got {prior!r}")
         if prior is not None and not isinstance(prior, (str, tuple)):
             raise ValueError(f"LD3Config.init_prior must be a baseline name or a tuple of σ values, got {type(prior).__name__}")
 
@@ -366,7 +367,11 @@ class _Run:
         prior = self.config.init_prior
         if prior is None:
             return
-        grid = BASELINES[prior](n_steps, schedule) if isinstance(prior, str) else torch.tensor(prior, dtype=torch.float64)
+        if isinstance(prior, str):  # GITS solves a few teacher trajectories from the training latents
+            grid = named_grid(prior, n_steps, schedule, denoiser=self.denoiser, z=self.train.z, cond=self.train.cond,
+                              latent=self.decode is not None)
+        else:
+            grid = torch.tensor(prior, dtype=torch.float64)
         if grid.shape != (n_steps + 1,):
             raise ValueError(f"LD3Config.init_prior must have N + 1 = {n_steps + 1} values, got {tuple(grid.shape)}")
         self.disc.fit_to(grid.to(self.train.z.device))

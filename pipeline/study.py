@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ld3.discretizations import BASELINES
+from ld3.baselines import AYS_MODEL_OF_FAMILY, cell_baselines
 from ld3.losses import LossFn, get_loss
 from ld3.metrics import gmm_frechet_distance
 from ld3.models.edm import TRUST_ENV_VAR, code_trusted
@@ -342,6 +342,8 @@ class CellContext:
     tracking: TrackingContext
     build_model: Callable[..., LoadedModel]  # the model's builder, resolved in the driver (ModelSpec.resolve)
     best_baseline: str | None = None  # set once the cell's baselines are evaluated
+    baseline_sigmas: Mapping[str, tuple[float, ...]] | None = None  # the cell's baseline grids, likewise
+    baseline_costs: Mapping[str, float] | None = None  # seconds each grid took to compute, likewise
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -381,8 +383,9 @@ def _load(ctx: CellContext) -> _Loaded:
     return _Loaded(model, _teacher_data(train, model, device), _teacher_data(val, model, device), device, loss_fn)
 
 
-def baseline_grids(ctx: CellContext, schedule) -> dict[str, torch.Tensor]:
-    return {name: fn(ctx.n_steps, schedule) for name, fn in BASELINES.items()}
+def baseline_grids(ctx: CellContext) -> dict[str, torch.Tensor]:
+    """The cell's baseline grids, as evaluated by :func:`evaluate_baselines`."""
+    return {name: torch.tensor(sigmas, dtype=torch.float64) for name, sigmas in (ctx.baseline_sigmas or {}).items()}
 
 
 def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
@@ -407,20 +410,23 @@ def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigm
 # ---------------------------------------------------------------------------------------------
 # Baselines and trials (run in Ray worker processes)
 # ---------------------------------------------------------------------------------------------
-def evaluate_baselines(ctx: CellContext, names: Sequence[str]) -> tuple[dict[str, dict[str, Any]], NoiseSchedule]:
-    """Validation loss (original latents) and data metrics of each baseline grid, one nested run each;
-    also returns the model's noise schedule (so the driver never loads the network)."""
+def evaluate_baselines(ctx: CellContext) -> tuple[dict[str, dict[str, Any]], NoiseSchedule]:
+    """Validation loss (original latents), data metrics and compute time of each baseline grid available for
+    the cell (ld3.baselines.cell_baselines: GITS from the training latents), one nested run each; also returns
+    the model's noise schedule (so the driver never loads the network)."""
     loaded = _load(ctx)
-    grids = baseline_grids(ctx, loaded.model.schedule)
+    timed = cell_baselines(ctx.n_steps, loaded.model.schedule, loaded.model.denoiser, loaded.train.z, loaded.train.cond,
+                           latent=loaded.model.decode is not None, ays_model=AYS_MODEL_OF_FAMILY.get(ctx.study.model.family))
+    grids, costs = {k: v.sigmas for k, v in timed.items()}, {k: v.cost_s for k, v in timed.items()}
     results = {}
-    for name in names:
-        metrics = _final_metrics(ctx, loaded, grids[name], None)
+    for name, sigmas in grids.items():
+        metrics = {**_final_metrics(ctx, loaded, sigmas, None), "schedule_cost_s": costs[name]}
         with TrialLogger.start(ctx.tracking, kind="baseline", key=name, **ctx.identity,
                                params={"discretization": name, "n_steps": ctx.n_steps},
                                tags=placement_tags(loaded.device)) as run:
             run.log_final_metrics(metrics)
-            run.log_schedule(grids[name], None, baselines={k: v for k, v in grids.items() if k != name})
-        results[name] = {**metrics, "sigmas": grids[name].tolist(), "mlflow_run_id": run.run_id}
+            run.log_schedule(sigmas, None, baselines={k: v for k, v in grids.items() if k != name}, costs=costs)
+        results[name] = {**metrics, "sigmas": sigmas.tolist(), "mlflow_run_id": run.run_id}
     return results, loaded.model.schedule
 
 
@@ -458,7 +464,7 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
         raise
     metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
     run.log_final_metrics({**metrics, "train_steps": result.steps, "train_wall_time_s": result.wall_time_s})
-    run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx, loaded.model.schedule))
+    run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx), costs=ctx.baseline_costs)
     run.set_tags({"stop_reason": result.stop_reason})
     run.end("FINISHED")
     tune.report({OBJECTIVE: metrics["final_val_loss"], **metrics, "step": result.steps,
@@ -506,7 +512,7 @@ def _resources(study: StudyConfig) -> dict[str, float]:
 def _submit_baselines(ctx: CellContext) -> ray.ObjectRef:
     """Evaluate a cell's baselines in a Ray task (with a trial's resources); returns its future."""
     task = ray.remote(evaluate_baselines).options(num_cpus=ctx.study.cpus_per_trial, num_gpus=ctx.study.gpus_per_trial)
-    return task.remote(ctx, sorted(BASELINES))
+    return task.remote(ctx)
 
 
 def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
@@ -560,7 +566,9 @@ def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTrack
 def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef) -> CellResult:
     study, solver, nfe = ctx.study, ctx.solver, ctx.nfe
     baselines, schedule = ray.get(baselines_ref)
-    ctx = replace(ctx, best_baseline=min(baselines, key=lambda name: baselines[name]["final_val_loss"]))
+    ctx = replace(ctx, best_baseline=min(baselines, key=lambda name: baselines[name]["final_val_loss"]),
+                  baseline_sigmas={name: tuple(b["sigmas"]) for name, b in baselines.items()},
+                  baseline_costs={name: b["schedule_cost_s"] for name, b in baselines.items()})
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
     log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
              study.num_trials, study.max_concurrent, path)
@@ -650,7 +658,7 @@ def _log_summary(tracker: StudyTracker, cells: Sequence[CellResult]) -> None:
 def _cell_row(cell: CellResult) -> dict[str, Any]:
     name, base = cell.best_baseline
     row = {"solver": cell.solver.name, "order": cell.solver.order, "nfe": cell.nfe, "best_baseline": name,
-           "baseline_val_loss": base["final_val_loss"], "baseline_fd": base.get("fd_exact"),
+           "baseline_cost_s": base.get("schedule_cost_s"), "baseline_val_loss": base["final_val_loss"], "baseline_fd": base.get("fd_exact"),
            "learned_val_loss": None if cell.best is None else cell.best["final_val_loss"],
            "learned_fd": None if cell.best is None else cell.best.get("fd_exact"), **cell.trials,
            "export": cell.export_path}
@@ -659,7 +667,7 @@ def _cell_row(cell: CellResult) -> dict[str, Any]:
 
 def format_table(result: StudyResult) -> str:
     """Learned vs best baseline per (solver, NFE), as a fixed-width text table."""
-    header = f"{'solver':<14}{'NFE':>4}  {'best baseline':<16}{'val loss':>11}{'learned':>11}{'ratio':>8}"
+    header = f"{'solver':<14}{'NFE':>4}  {'best baseline':<16}{'cost s':>8}{'val loss':>11}{'learned':>11}{'ratio':>8}"
     has_fd = any("fd_exact" in c.best_baseline[1] for c in result.cells)
     if has_fd:
         header += f"{'FD base':>10}{'FD learned':>11}"
@@ -668,7 +676,8 @@ def format_table(result: StudyResult) -> str:
         name, base = cell.best_baseline
         learned = None if cell.best is None else cell.best["final_val_loss"]
         ratio = "" if learned is None else f"{learned / base['final_val_loss']:.3f}"
-        line = (f"{cell.solver.label:<14}{cell.nfe:>4}  {name:<16}{base['final_val_loss']:>11.3e}"
+        line = (f"{cell.solver.label:<14}{cell.nfe:>4}  {name:<16}{base.get('schedule_cost_s', float('nan')):>8.3g}"
+                f"{base['final_val_loss']:>11.3e}"
                 f"{'failed' if learned is None else f'{learned:.3e}':>11}{ratio:>8}")
         if has_fd:
             fd_learned = "" if cell.best is None else f"{cell.best.get('fd_exact', float('nan')):.4f}"

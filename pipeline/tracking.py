@@ -168,15 +168,19 @@ def plot_schedule(
     sigmas_eval: Any | None = None,
     *,
     baselines: Mapping[str, Any] | None = None,
+    costs: Mapping[str, float] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """log σ against step index i: the learned grid σ_i (and the decoupled σ'_i) against baseline grids."""
+    """log σ against step index i: the learned grid σ_i (and the decoupled σ'_i) against baseline grids
+    (labelled with the seconds each took to compute, where ``costs`` has them)."""
     figure = Figure(figsize=(7.0, 4.5), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for index, (name, grid) in enumerate(sorted((baselines or {}).items())):
         values = _float_list(grid)
-        axes.plot(range(len(values)), values, color=f"C{index + 2}", lw=1.0, ls=":", marker=".", label=f"baseline: {name}")
+        cost = "" if name not in (costs or {}) else f" ({costs[name]:.2g} s)"
+        axes.plot(range(len(values)), values, color=f"C{index + 2}", lw=1.0, ls=":", marker=".",
+                  label=f"baseline: {name}{cost}")
     learned = _float_list(sigmas)
     axes.plot(range(len(learned)), learned, color="C0", lw=2.0, marker="o", label="learned σ (solver steps)")
     if sigmas_eval is not None:
@@ -270,6 +274,7 @@ class _RunLogger:
         sigmas_eval: Any | None = None,
         *,
         baselines: Mapping[str, Any] | None = None,
+        costs: Mapping[str, float] | None = None,
         name: str = "schedule",
     ) -> None:
         """Log ``<name>.json`` (σ, σ_eval, the baseline grids) and ``<name>.png`` (plot_schedule of them)."""
@@ -279,7 +284,8 @@ class _RunLogger:
             "baselines": {k: _float_list(v) for k, v in (baselines or {}).items()},
         }
         self.log_dict(document, f"{name}.json")
-        self.log_figure(plot_schedule(sigmas, sigmas_eval, baselines=baselines, title=self.title), f"{name}.png")
+        self.log_figure(plot_schedule(sigmas, sigmas_eval, baselines=baselines, costs=costs, title=self.title),
+                        f"{name}.png")
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and mark the run FINISHED, FAILED or KILLED."""

@@ -82,8 +82,11 @@ def test_smoke_study_runs_end_to_end(name, local_ray, tmp_path, capsys):
         assert sorted(condition.tolist()) == sorted(set(condition.tolist())) and condition.max() < 10
     else:
         assert condition is None
-    trial = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(exported.provenance.mlflow_run_id)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    trial = client.get_run(exported.provenance.mlflow_run_id)
     assert trial.info.status == "FINISHED" and trial.data.params["teacher_cache_key"] == entry.key
+    baselines = {run.data.tags["run_key"] for run in client.search_runs([trial.info.experiment_id], "tags.kind = 'baseline'")}
+    assert {"gits", "dmn"} <= baselines and ("ays_sd15" in baselines) == (name == "sd15")  # AYS: published for SD 1.5 only
 
 
 # ---- bad input --------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ def test_smoke_study_tracks_exports_and_resumes(local_ray, tmp_path):
     assert parent.data.params["num_trials"] == str(study.num_trials)
     children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     kinds = sorted(run.data.tags["kind"] for run in children)
-    assert kinds.count("baseline") == 4 and kinds.count("trial") == study.num_trials
+    assert kinds.count("baseline") == 6 and kinds.count("trial") == study.num_trials  # 4 fixed grids, DMN, GITS
+    baselines = {r.data.tags["run_key"]: r for r in children if r.data.tags["kind"] == "baseline"}
+    assert {"gits", "dmn"} <= set(baselines) and "ays_sd15" not in baselines  # no AYS list exists for the GMM
+    assert all(r.data.metrics["schedule_cost_s"] >= 0 for r in baselines.values())
     trial = next(r for r in children if r.data.tags["kind"] == "trial" and r.info.status == "FINISHED")
     for key in ("model", "solver", "order", "nfe", "teacher_cache_key", "lr1", "slack_coef", "mode"):
         assert key in trial.data.params, key
