@@ -15,7 +15,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -46,6 +46,17 @@ class LoadedModel:
     shape: tuple[int, ...]  # shape of one latent x, e.g. (C, H, W)
     decode: Callable[[Tensor], Tensor] | None = None  # latent -> data for latent models, else None
     encode_condition: Callable[[Sequence[ConditionValue], torch.device | str], Any] = class_labels
+    quality: SampleQuality | None = None  # the model's own sample-quality metrics (digits), else None
+
+
+class SampleQuality(Protocol):
+    """Sample-quality metrics a model brings along (the digits model's classifier FD and accuracy)."""
+
+    def conditions(self, num_samples: int) -> list[ConditionValue] | None:
+        """The conditions of ``num_samples`` evaluation samples (None: unconditional)."""
+
+    def __call__(self, samples: Tensor, conditions: Sequence[ConditionValue] | None) -> dict[str, float]:
+        """Metrics of ``samples`` (data space, on the CPU) drawn with ``conditions``."""
 
 
 ModelBuilder = Callable[..., LoadedModel]
@@ -138,6 +149,49 @@ def gmm_spec(seed: int = 0, **kwargs: Any) -> ModelSpec:
 
 
 register_model_builder("gmm", build_gmm)
+
+
+@dataclass(frozen=True)
+class DigitsSampleQuality:
+    """Classifier Fréchet distance (``fd_classifier``) and, with classes, accuracy (``class_accuracy``)."""
+
+    metric: Any  # ld3.digits.quality.DigitsQuality
+    conditional: bool
+
+    def conditions(self, num_samples: int) -> list[ConditionValue] | None:
+        """Every class equally often (sample i asks for class i mod 10), or None when unconditional."""
+        return [i % self.metric.config["network"]["n_classes"] for i in range(num_samples)] if self.conditional else None
+
+    def __call__(self, samples: Tensor, conditions: Sequence[ConditionValue] | None) -> dict[str, float]:
+        metrics = {"fd_classifier": self.metric.frechet_distance(samples)}
+        if conditions is not None:
+            metrics["class_accuracy"] = self.metric.accuracy(samples, torch.as_tensor([int(c) for c in conditions]))
+        return metrics
+
+
+def build_digits(*, device: torch.device, dtype: torch.dtype, conditional: bool = True, guidance_scale: float = 1.0,
+                 denoiser_weights: str | None = None, classifier_weights: str | None = None) -> LoadedModel:
+    """The project's trained digits model (ld3.digits; shipped weights unless files are given) with its metrics."""
+    from ld3.digits.denoiser import load_digits_denoiser
+    from ld3.digits.quality import DigitsQuality
+
+    denoiser = load_digits_denoiser(denoiser_weights, conditional=conditional, guidance_scale=guidance_scale, device=device)
+    quality = DigitsSampleQuality(DigitsQuality(classifier_weights, device=device), conditional)
+    return LoadedModel(denoiser=denoiser, schedule=denoiser.schedule, shape=denoiser.shape, quality=quality)
+
+
+def digits_spec(*, conditional: bool = True, guidance_scale: float = 1.0) -> ModelSpec:
+    """Spec of the shipped digits model; its weights' digest enters the teacher cache key."""
+    from ld3.digits.checkpoint import DENOISER_FILE, SHIPPED
+
+    variant = "cond" if conditional else "uncond"
+    variant += "" if guidance_scale == 1.0 else f"-cfg{guidance_scale:g}"
+    return ModelSpec(family="digits", model_id=f"digits-{variant}",
+                     kwargs={"conditional": conditional, "guidance_scale": guidance_scale},
+                     checkpoint_digest=SHIPPED[DENOISER_FILE])
+
+
+register_model_builder("digits", build_digits)
 
 # The paper's families (EDM pickles, diffusers, Stable Diffusion) register their builders on import; last,
 # because that module builds on the names above.

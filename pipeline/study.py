@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 INITS = ("uniform", "best_baseline")
 OBJECTIVE = "objective"  # what Optuna and ASHA minimise: best validation loss so far, then the final one
 EPOCH = "epoch"  # ASHA's clock: passes over the training data (comparable across train batch sizes)
+QUALITY_KEYS = ("fd_exact", "fd_classifier", "class_accuracy")  # sample-quality metrics of a schedule (_data_metrics)
 FD_SEED_OFFSET = 1_000_000  # seeds of the samples used for data-space metrics, disjoint from teacher seeds
 
 
@@ -389,15 +390,19 @@ def baseline_grids(ctx: CellContext) -> dict[str, torch.Tensor]:
 
 
 def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
-    """Exact data-space Fréchet distance of fresh samples (only for the embedded GMM, whose moments are known)."""
-    denoiser = loaded.model.denoiser
-    if not isinstance(denoiser, GaussianMixture) or ctx.study.fd_samples < 2:
+    """Sample quality of fresh samples: the GMM's exact data-space Fréchet distance (``fd_exact``), or the
+    model's own metrics (``LoadedModel.quality``: the digits model's ``fd_classifier`` and ``class_accuracy``)."""
+    model = loaded.model
+    exact = isinstance(model.denoiser, GaussianMixture)
+    if not (exact or model.quality is not None) or ctx.study.fd_samples < 2:
         return {}
     seeds = range(FD_SEED_OFFSET, FD_SEED_OFFSET + ctx.study.fd_samples)
-    z = latents_from_seeds(seeds, loaded.model.shape, loaded.train.z.dtype, loaded.device)
-    x = sample(denoiser, ctx.solver.name, ctx.solver.order, sigmas, z, sigmas_eval=sigmas_eval,
-               batch_size=ctx.study.eval_batch_size)
-    return {"fd_exact": gmm_frechet_distance(x.cpu(), denoiser)}
+    z = latents_from_seeds(seeds, model.shape, loaded.train.z.dtype, loaded.device)
+    conditions = None if exact else model.quality.conditions(len(seeds))
+    cond = None if conditions is None else model.encode_condition(conditions, loaded.device)
+    x = sample(model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, z, sigmas_eval=sigmas_eval, cond=cond,
+               decode=model.decode, batch_size=ctx.study.eval_batch_size).cpu()
+    return {"fd_exact": gmm_frechet_distance(x, model.denoiser)} if exact else model.quality(x, conditions)
 
 
 def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
@@ -489,6 +494,18 @@ class CellResult:
     @property
     def best_baseline(self) -> tuple[str, dict[str, Any]]:
         return min(self.baselines.items(), key=lambda item: item[1]["final_val_loss"])
+
+    @property
+    def fd_key(self) -> str | None:
+        """The sample-quality distance the cell's runs report (``fd_exact`` or ``fd_classifier``), if any."""
+        return next((k for k in ("fd_exact", "fd_classifier") if k in self.best_baseline[1]), None)
+
+    @property
+    def best_fd_baseline(self) -> tuple[str, float] | None:
+        """The baseline with the lowest sample-quality distance, which need not be the best in val loss."""
+        key = self.fd_key
+        scored = [(name, m[key]) for name, m in self.baselines.items() if key is not None and key in m]
+        return min(scored, key=lambda item: item[1]) if scored else None
 
 
 @dataclass(frozen=True)
@@ -585,8 +602,8 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
                  schedule: NoiseSchedule, solver: SolverChoice, nfe: int, best: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> Path:
     """Write the best trial's schedule to the exports folder and log it to the parent run."""
     trial_config = best.get("config", {})
-    metrics = {k: best[k] for k in ("final_val_loss", "fd_exact") if k in best}
-    metrics |= {f"baseline_{name}_{k}": b[k] for name, b in baselines.items() for k in ("final_val_loss", "fd_exact") if k in b}
+    metrics = {k: best[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in best}
+    metrics |= {f"baseline_{name}_{k}": b[k] for name, b in baselines.items() for k in ("final_val_loss", *QUALITY_KEYS) if k in b}
     exported = build_export(
         sigmas=torch.tensor(best["sigmas"], dtype=torch.float64), noise_schedule=schedule,
         model=study.model.model_id, solver=solver.name, order=solver.order, nfe=nfe,
@@ -658,9 +675,11 @@ def _log_summary(tracker: StudyTracker, cells: Sequence[CellResult]) -> None:
 def _cell_row(cell: CellResult) -> dict[str, Any]:
     name, base = cell.best_baseline
     row = {"solver": cell.solver.name, "order": cell.solver.order, "nfe": cell.nfe, "best_baseline": name,
-           "baseline_cost_s": base.get("schedule_cost_s"), "baseline_val_loss": base["final_val_loss"], "baseline_fd": base.get("fd_exact"),
+           "baseline_cost_s": base.get("schedule_cost_s"), "baseline_val_loss": base["final_val_loss"],
+           "fd_metric": cell.fd_key, "best_fd_baseline": cell.best_fd_baseline,
            "learned_val_loss": None if cell.best is None else cell.best["final_val_loss"],
-           "learned_fd": None if cell.best is None else cell.best.get("fd_exact"), **cell.trials,
+           "learned_fd": None if cell.best is None or cell.fd_key is None else cell.best.get(cell.fd_key),
+           "learned_class_accuracy": None if cell.best is None else cell.best.get("class_accuracy"), **cell.trials,
            "export": cell.export_path}
     return row
 
@@ -668,9 +687,9 @@ def _cell_row(cell: CellResult) -> dict[str, Any]:
 def format_table(result: StudyResult) -> str:
     """Learned vs best baseline per (solver, NFE), as a fixed-width text table."""
     header = f"{'solver':<14}{'NFE':>4}  {'best baseline':<16}{'cost s':>8}{'val loss':>11}{'learned':>11}{'ratio':>8}"
-    has_fd = any("fd_exact" in c.best_baseline[1] for c in result.cells)
+    has_fd = any(c.best_fd_baseline is not None for c in result.cells)
     if has_fd:
-        header += f"{'FD base':>10}{'FD learned':>11}"
+        header += f"{'FD best base':>23}{'FD learned':>11}"
     lines = [header + f"{'trials (ok/stopped/failed)':>29}", "-" * (len(header) + 29)]
     for cell in result.cells:
         name, base = cell.best_baseline
@@ -680,8 +699,9 @@ def format_table(result: StudyResult) -> str:
                 f"{base['final_val_loss']:>11.3e}"
                 f"{'failed' if learned is None else f'{learned:.3e}':>11}{ratio:>8}")
         if has_fd:
-            fd_learned = "" if cell.best is None else f"{cell.best.get('fd_exact', float('nan')):.4f}"
-            line += f"{base.get('fd_exact', float('nan')):>10.4f}{fd_learned:>11}"
+            fd_name, fd_base = cell.best_fd_baseline or ("-", float("nan"))
+            fd_learned = "" if cell.best is None else f"{cell.best.get(cell.fd_key, float('nan')):.4f}"
+            line += f"{fd_name:>15}{fd_base:>8.4f}{fd_learned:>11}"
         t = cell.trials
         lines.append(line + f"{t['finished']:>19}/{t['stopped']}/{t['failed']}")
     return "\n".join(lines)
