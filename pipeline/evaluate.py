@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 LEARNED = "learned"  # name of a learned schedule among the baselines' names
 DEFAULT_SEED_OFFSET = 2_000_000  # above the teacher's seeds (0..) and the study's FD seeds (1,000,000..)
 FID, FD_EXACT, NUM_SAMPLES = "eval_fid", "eval_fd_exact", "eval_num_samples"
+FD_CLASSIFIER, CLASS_ACCURACY = "eval_fd_classifier", "eval_class_accuracy"  # models with their own metric (digits)
 GRID_ARTIFACT = "evaluation/samples.png"
 
 
@@ -300,6 +301,9 @@ class _Partial:
     features: FeatureStatsAccumulator | None
     data: FeatureStatsAccumulator | None
     data_reference: FeatureStats | None  # the model's exact data moments (GMM), for eval_fd_exact
+    quality: FeatureStatsAccumulator | None  # features of the model's own metric (LoadedModel.quality)
+    quality_reference: FeatureStats | None
+    correct: int  # samples the model's own classifier assigns to their condition (with quality and conditions)
     grid_index: list[int]
     grid: Tensor | None
 
@@ -337,14 +341,18 @@ class _SampleStatsWorker:
         if config.fid_reference is not None:
             self.extractor = fid.load_inception(config.inception_weights, device=self.device)
         self.data_reference = exact_moments(self.model, config)
+        self.quality_reference = None
+        if self.model.quality is not None:
+            self.quality_reference = fid.FeatureStats(*self.model.quality.reference())
         self.grids = [target.grid(self.model.schedule) for target in targets]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, requests: pa.Table) -> pa.Table:
-        if self.extractor is None and self.data_reference is None:  # raised here, not in __init__, to reach the
-            raise ValueError(                                         # caller as itself rather than as a dead actor
-                "EvaluationConfig.fid_reference is required: this model has no known data moments (only the "
-                "unconditional or class-conditional Gaussian mixture has); give FID reference statistics")
+        # Raised here, not in __init__, to reach the caller as itself rather than as a dead actor.
+        if self.extractor is None and self.data_reference is None and self.quality_reference is None:
+            raise ValueError(
+                "EvaluationConfig.fid_reference is required: this model has no metric of its own (the Gaussian "
+                "mixture's exact moments, the digits model's classifier); give FID reference statistics")
         columns = requests.to_pydict()
         rows_of = defaultdict(list)
         for row, target in enumerate(columns["target"]):
@@ -362,7 +370,8 @@ class _SampleStatsWorker:
         """Solve one schedule's samples ``device_batch_size`` at a time, reducing each chunk right away."""
         features = None if self.extractor is None else self.fid.FeatureStatsAccumulator()
         data = None if self.data_reference is None else self.fid.FeatureStatsAccumulator(self.data_reference.dim)
-        grid_index, grid = [], []
+        quality = None if self.quality_reference is None else self.fid.FeatureStatsAccumulator(self.quality_reference.dim)
+        grid_index, grid, correct = [], [], 0
         step = self.config.device_batch_size
         for start in range(0, len(seeds), step):
             rows = slice(start, start + step)
@@ -371,12 +380,16 @@ class _SampleStatsWorker:
                 features.add_images(x, self.extractor)
             if data is not None:
                 data.update(x.flatten(1))
+            if quality is not None:
+                quality.update(self.model.quality.features(x))
+                if conditions is not None:
+                    correct += self.model.quality.correct(x, conditions[rows])
             shown = [i for i, s in enumerate(sample_index[rows]) if s < self.config.grid_size**2]
             if shown and _is_image_batch(x):
                 grid_index += [sample_index[rows][i] for i in shown]
                 grid.append(self.fid.to_uint8(x[shown]).cpu())
-        return _Partial(target, len(seeds), self.node_id, features, data, self.data_reference, grid_index,
-                        torch.cat(grid) if grid else None)
+        return _Partial(target, len(seeds), self.node_id, features, data, self.data_reference, quality,
+                        self.quality_reference, correct, grid_index, torch.cat(grid) if grid else None)
 
     def _solve(self, target: int, seeds: list[int], conditions: list[ConditionValue] | None) -> Tensor:
         """``decode(Solver(sigma_0 z))`` for the latents of ``seeds`` on the grid of schedule ``target``."""
@@ -415,6 +428,9 @@ class _Totals:
     features: FeatureStatsAccumulator | None = None
     data: FeatureStatsAccumulator | None = None
     data_reference: FeatureStats | None = None
+    quality: FeatureStatsAccumulator | None = None
+    quality_reference: FeatureStats | None = None
+    correct: int = 0
     grid: dict[int, Tensor] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)
 
@@ -428,11 +444,14 @@ class _Totals:
             self.data = part.data if self.data is None else combine([self.data, part.data])
         if self.data_reference is None:
             self.data_reference = part.data_reference
+        if part.quality is not None:
+            self.quality = part.quality if self.quality is None else combine([self.quality, part.quality])
+            self.quality_reference, self.correct = part.quality_reference, self.correct + part.correct
         if part.grid is not None:
             self.grid.update(zip(part.grid_index, part.grid))
 
 
-def _finish(target: ScheduleTarget, totals: _Totals, reference: FeatureStats | None) -> ScheduleEvaluation:
+def _finish(target: ScheduleTarget, totals: _Totals, reference: FeatureStats | None, conditional: bool) -> ScheduleEvaluation:
     """Statistics -> metrics (FID against ``reference``, exact FD against the model's own moments)."""
     metrics: dict[str, float] = {NUM_SAMPLES: float(totals.count)}
     feature_stats = data_stats = None
@@ -445,6 +464,11 @@ def _finish(target: ScheduleTarget, totals: _Totals, reference: FeatureStats | N
         data_stats = totals.data.stats()
         ref = totals.data_reference
         metrics[FD_EXACT] = frechet_distance(data_stats.mu, data_stats.sigma, ref.mu, ref.sigma)
+    if totals.quality is not None:
+        stats, ref = totals.quality.stats(), totals.quality_reference
+        metrics[FD_CLASSIFIER] = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+        if conditional:
+            metrics[CLASS_ACCURACY] = totals.correct / totals.count
     grid = torch.stack([totals.grid[i] for i in sorted(totals.grid)]) if totals.grid else None
     return ScheduleEvaluation(target, metrics, feature_stats, data_stats, grid, tuple(sorted(totals.nodes)))
 
@@ -501,7 +525,8 @@ def evaluate_schedules(
     for target, merged in zip(targets, totals):
         if merged.count != config.num_samples:
             raise RuntimeError(f"{target.label}: the actors returned {merged.count} of {config.num_samples} samples")
-    return EvaluationResult(config, tuple(_finish(t, m, reference) for t, m in zip(targets, totals)))
+    conditional = config.conditions is not None
+    return EvaluationResult(config, tuple(_finish(t, m, reference, conditional) for t, m in zip(targets, totals)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,7 +614,9 @@ def _summary_row(evaluation: ScheduleEvaluation) -> dict[str, Any]:
             "ray_nodes": list(evaluation.nodes)}
 
 
-_METRIC_TITLES = {FID: "FID", FD_EXACT: "exact data-space Fréchet distance"}
+_METRIC_TITLES = {FID: "FID (lower is better)", FD_EXACT: "exact data-space Fréchet distance (lower is better)",
+                  FD_CLASSIFIER: "classifier Fréchet distance, an FID analogue (lower is better)",
+                  CLASS_ACCURACY: "classifier accuracy on the asked class (higher is better)"}
 
 
 def format_evaluation_table(result: EvaluationResult) -> str:
@@ -603,7 +630,7 @@ def format_evaluation_table(result: EvaluationResult) -> str:
         if not any(metric in e.metrics for e in result.schedules):
             continue
         header = f"{'solver':<16}{'NFE':>4}" + "".join(f"{n:>{width}}" for n in names)
-        lines = [f"{title} of {result.config.num_samples} samples per schedule (lower is better)", header, "-" * len(header)]
+        lines = [f"{title}, {result.config.num_samples} samples per schedule", header, "-" * len(header)]
         for solver, order, nfe in cells:
             entries = [value.get(((solver, order, nfe), n), {}).get(metric) for n in names]
             lines.append(f"{f'{solver}-o{order}':<16}{nfe:>4}"

@@ -50,10 +50,23 @@ class LoadedModel:
 
 
 class SampleQuality(Protocol):
-    """Sample-quality metrics a model brings along (the digits model's classifier FD and accuracy)."""
+    """Sample-quality metrics a model brings along (the digits model's classifier FD and accuracy).
+
+    Features and correct counts are sums over samples, so the evaluation stage merges them across workers;
+    ``__call__`` is the one-shot form used for a study's per-run metrics.
+    """
 
     def conditions(self, num_samples: int) -> list[ConditionValue] | None:
         """The conditions of ``num_samples`` evaluation samples (None: unconditional)."""
+
+    def features(self, samples: Tensor) -> Tensor:
+        """Features [N, D] (float64, CPU) of samples in data space."""
+
+    def reference(self) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of the real data's features (the target of the Fréchet distance)."""
+
+    def correct(self, samples: Tensor, conditions: Sequence[ConditionValue]) -> int:
+        """How many samples show the class they were drawn for."""
 
     def __call__(self, samples: Tensor, conditions: Sequence[ConditionValue] | None) -> dict[str, float]:
         """Metrics of ``samples`` (data space, on the CPU) drawn with ``conditions``."""
@@ -162,10 +175,19 @@ class DigitsSampleQuality:
         """Every class equally often (sample i asks for class i mod 10), or None when unconditional."""
         return [i % self.metric.config["network"]["n_classes"] for i in range(num_samples)] if self.conditional else None
 
+    def features(self, samples: Tensor) -> Tensor:
+        return self.metric.features(samples)
+
+    def reference(self) -> tuple[Tensor, Tensor]:
+        return self.metric.reference
+
+    def correct(self, samples: Tensor, conditions: Sequence[ConditionValue]) -> int:
+        return self.metric.correct(samples, torch.as_tensor([int(c) for c in conditions]))
+
     def __call__(self, samples: Tensor, conditions: Sequence[ConditionValue] | None) -> dict[str, float]:
         metrics = {"fd_classifier": self.metric.frechet_distance(samples)}
         if conditions is not None:
-            metrics["class_accuracy"] = self.metric.accuracy(samples, torch.as_tensor([int(c) for c in conditions]))
+            metrics["class_accuracy"] = self.correct(samples, conditions) / len(conditions)
         return metrics
 
 

@@ -9,7 +9,9 @@ The model (ld3.digits: an EDM-preconditioned UNet trained by ``python -m ld3.dig
 sha256-checked safetensors) is a real trained network, so its teacher is a real ODE solve with a real
 network's errors. Beside the validation loss the study reports, for 2,000 fresh samples of every
 schedule, the classifier Fréchet distance (``fd_classifier``: an FID analogue in a digit classifier's
-feature space, not FID) and the classifier's accuracy on the asked classes (``class_accuracy``).
+feature space, not FID) and the classifier's accuracy on the asked classes (``class_accuracy``); the
+evaluation stage then scores every learned and baseline schedule again on 2,000 other samples and logs a
+10×10 sample grid to each MLflow run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import replace
 
 from ld3.train import LD3Config
 from pipeline.cli import build_parser, main
+from pipeline.evaluate import EvaluationConfig
 from pipeline.model_studies import balanced_class_ids
 from pipeline.models import digits_spec
 from pipeline.study import SearchSpace, SolverChoice, StudyConfig
@@ -40,6 +43,8 @@ STUDY = StudyConfig(
     max_concurrent=2,
     asha_grace_epochs=2.0,  # phase 1 (two rounds) before ASHA may stop a trial
     fd_samples=2000,
+    # last stage: 2,000 more samples per schedule (other seeds), classifier FD and accuracy, a 10×10 sample grid
+    evaluation=EvaluationConfig(num_samples=2000, grid_size=10, batch_size=1000, device_batch_size=500),
     seed=SEED,
 )
 
@@ -67,6 +72,7 @@ def make_config(args: argparse.Namespace) -> StudyConfig:
         num_trials=2,
         asha_grace_epochs=1.0,
         fd_samples=200,
+        evaluation=replace(study.evaluation, num_samples=200, batch_size=100, device_batch_size=100),
     )
 
 

@@ -49,11 +49,15 @@ class DigitsQuality:
         return frechet_distance(*gaussian_moments(self.features(images)), *self.reference)
 
     @torch.no_grad()
-    def accuracy(self, images: Tensor, labels: Tensor) -> float:
-        """Share of ``images`` that the classifier assigns to ``labels``."""
+    def correct(self, images: Tensor, labels: Tensor) -> int:
+        """How many of ``images`` the classifier assigns to their ``labels``."""
         logits = torch.cat([self.net(chunk.to(self.device, torch.float32).clamp(-1, 1)).cpu()
                             for chunk in images.split(self.batch_size)])
-        return float((logits.argmax(1) == labels.cpu()).double().mean())
+        return int((logits.argmax(1) == labels.cpu()).sum())
+
+    def accuracy(self, images: Tensor, labels: Tensor) -> float:
+        """Share of ``images`` that the classifier assigns to ``labels``."""
+        return self.correct(images, labels) / len(images)
 
     def floor(self) -> float:
         """The held-out split's distance to the training split: what real data of that size scores."""
