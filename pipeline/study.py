@@ -7,7 +7,8 @@
 3. opens (or resumes) the study's MLflow parent run;
 4. per cell (solver, order, NFE): evaluates the baseline grids on the validation data (nested runs),
    then runs Tune with ``OptunaSearch`` (seeded TPE, define-by-run space with conditional parameters,
-   the paper's recipe as the first point) and ``ASHAScheduler`` on the per-step validation loss; every
+   the paper's recipe as the first point) and successive halving on the per-step validation loss
+   (pipeline.halving: ASHA's rule, in batches, so a seed gives the same result every time); every
    trial reads the cached teacher data, logs a nested MLflow run and reports to Tune;
 5. exports the best schedule of each cell and returns a table of learned vs baseline;
 6. optionally (``StudyConfig.evaluation``) samples the exported and baseline schedules on Ray workers for
@@ -32,7 +33,7 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ld3.discretizations import BASELINES
@@ -42,16 +43,17 @@ from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
-from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
+from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
 from pipeline.export import build_export, save_export
 from pipeline.fileio import ensure_writable_dir
+from pipeline.halving import BatchedSuccessiveHalving
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
-from pipeline.tracking import StudyTracker, TrackingContext, TrialLogger
+from pipeline.tracking import TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -422,11 +424,13 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
                            loss_fn=loaded.loss_fn,
                            callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
-    except TrainingDiverged as err:
-        run.set_tags({"failure": str(err)})
-        run.end("FAILED")
+    except (SystemExit, KeyboardInterrupt):
+        # Tune stops a function trainable by raising SystemExit from tune.report (ray.train's session, when the
+        # scheduler stops the trial or the experiment ends): the trial was stopped, it did not fail.
+        run.end("KILLED")
         raise
-    except BaseException:
+    except Exception as err:
+        run.set_tags({TAG_FAILURE: failure_reason(err)})
         run.end("FAILED")
         raise
     metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
@@ -493,35 +497,61 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
         points_to_evaluate=[reference_point(study.trainer, study.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=max(2, study.num_trials // 3)),
     )
-    scheduler = ASHAScheduler(time_attr=EPOCH, grace_period=study.asha_grace_epochs,
-                              reduction_factor=study.asha_reduction_factor,
-                              max_t=max(study.search.max_epochs, study.asha_grace_epochs),
-                              stop_last_trials=False)  # a trial at max_t still reports its final metrics
+    # Batches of max_concurrent trials, the searcher told only once a batch has ended, and a halving rule
+    # that compares with earlier batches only: the same seed gives the same trials and the same stops.
+    scheduler = BatchedSuccessiveHalving(time_attr=EPOCH, grace_period=study.asha_grace_epochs,
+                                         reduction_factor=study.asha_reduction_factor,
+                                         max_t=max(study.search.max_epochs, study.asha_grace_epochs),
+                                         batch_size=study.max_concurrent)
     storage, name = os.path.split(path.rstrip("/"))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=study.num_trials, max_concurrent_trials=study.max_concurrent,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", scheduler=scheduler,
+                                    search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
+                                    num_samples=study.num_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
 
+def _is_finished(result: tune.Result) -> bool:
+    # Only a trial that ran to its end reports final_val_loss (Tune also marks early-stopped trials "done").
+    return result.error is None and bool(result.metrics) and "final_val_loss" in result.metrics
+
+
 def _summarise_trials(results: tune.ResultGrid) -> tuple[dict[str, Any] | None, dict[str, int]]:
-    # Only a trial that ran to its end reports final_val_loss (Tune also marks ASHA-stopped trials "done").
-    finished = [r.metrics for r in results if r.error is None and r.metrics and "final_val_loss" in r.metrics]
+    finished = [r.metrics for r in results if _is_finished(r)]
     failed = sum(1 for r in results if r.error is not None)
     counts = {"finished": len(finished), "stopped": len(results) - len(finished) - failed, "failed": failed}
     best = min(finished, key=lambda m: m["final_val_loss"]) if finished else None
     return best, counts
 
 
-def _mark_stopped_runs(tracker: StudyTracker) -> None:
-    """Trials stopped early by ASHA never end their MLflow run themselves: mark them KILLED."""
-    for run in tracker.child_runs(kind="trial", status="RUNNING"):
-        tracker.client.set_tag(run.info.run_id, "stopped_by", "asha")
-        tracker.client.set_terminated(run.info.run_id, status="KILLED")
+def _close_trial_runs(tracker: StudyTracker, ctx: CellContext, results: tune.ResultGrid) -> None:
+    """Give every trial run of the cell its final status: a trial stopped early by the halving rule is KILLED
+    with tag stopped_by=asha, an errored one FAILED with its reason in tag failure (the trial process marks
+    itself, this covers processes that ended before they could), one still RUNNING otherwise KILLED."""
+    stopped, errors = set(), {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if result.error is not None and trial_id:
+            errors[trial_id] = result.error
+        elif trial_id and not _is_finished(result):
+            stopped.add(trial_id)
+    cell_tags = {"solver": ctx.solver.name, "order": str(ctx.solver.order), "nfe": str(ctx.nfe)}
+    for run in tracker.child_runs(kind="trial"):
+        tags = run.data.tags
+        if any(tags.get(k) != v for k, v in cell_tags.items()):
+            continue
+        run_id, key = run.info.run_id, tags.get("run_key")
+        if key in stopped:
+            tracker.client.set_tag(run_id, TAG_STOPPED_BY, "asha")
+            tracker.client.set_terminated(run_id, status="KILLED")
+        elif key in errors and (run.info.status != "FAILED" or TAG_FAILURE not in tags):
+            tracker.client.set_tag(run_id, TAG_FAILURE, tags.get(TAG_FAILURE) or failure_reason(errors[key]))
+            tracker.client.set_terminated(run_id, status="FAILED")
+        elif run.info.status == "RUNNING":
+            tracker.client.set_terminated(run_id, status="KILLED")
 
 
 def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, entry: CacheEntry,
@@ -538,7 +568,7 @@ def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, ba
     log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
              study.num_trials, study.max_concurrent, path)
     results = _tuner(ctx, path, options).fit()
-    _mark_stopped_runs(tracker)
+    _close_trial_runs(tracker, ctx, results)
     best, counts = _summarise_trials(results)
     export_path = None
     if best is not None:

@@ -48,6 +48,8 @@ TAG_KIND = "kind"
 TAG_STUDY = "study"
 TAG_RUN_KEY = "run_key"
 TAG_CODE_VERSION = "code_version"
+TAG_FAILURE = "failure"  # why a FAILED run failed (always set on FAILED trial runs)
+TAG_STOPPED_BY = "stopped_by"  # who stopped a KILLED trial run early ("asha")
 IDENTITY_KEYS = ("model", "solver", "order", "nfe", "teacher_cache_key")
 RUN_KINDS = ("trial", "baseline")
 _STATUS_NAMES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
@@ -122,6 +124,12 @@ def _probe_server(tracking_uri: str, timeout_s: float) -> None:
             f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it "
             f"(e.g. `mlflow server --host 0.0.0.0 --port 5000`) or pass a reachable --tracking-uri / {TRACKING_URI_ENV}"
         ) from None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for the ``failure`` tag: the exception's type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:

@@ -20,7 +20,7 @@ from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
 from pipeline.export import load_schedule
 from pipeline.models import LoadedModel, ModelSpec, register_model_builder
-from pipeline.study import StudyConfig, StudyOptions, run_study
+from pipeline.study import StudyConfig, StudyOptions, format_table, run_study
 from pipeline.teacher_cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
@@ -82,6 +82,34 @@ def test_smoke_study_tracks_exports_and_resumes(local_ray, tmp_path):
     assert again.cells[0].best["final_val_loss"] == pytest.approx(cell.best["final_val_loss"])
     children_after = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert sum(r.data.tags["kind"] == "trial" for r in children_after) == study.num_trials
+
+
+def _trial_runs(result, tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([result.experiment_id], f"tags.kind = 'trial' and tags.mlflow.parentRunId = '{result.parent_run_id}'")
+
+
+def test_stopped_trials_end_killed_not_failed_and_the_seed_reproduces_the_study(local_ray, tmp_path):
+    # Two batches of two concurrent trials: the second batch meets the halving rule at epoch 1 of 2, where a
+    # large reduction factor stops what does not beat the first batch's best.
+    study = smoke_config(num_trials=4, max_concurrent=2, asha_reduction_factor=50)
+    cache = str(tmp_path / "cache")
+    first, second = (run_study(study, options(tmp_path / name, cache_dir=cache)) for name in ("a", "b"))
+    (cell,) = first.cells
+    assert cell.trials["stopped"] >= 1 and cell.trials["finished"] >= 1 and cell.trials["failed"] == 0, cell.trials
+
+    runs = _trial_runs(first, options(tmp_path / "a").tracking_uri)
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == sorted(["KILLED"] * cell.trials["stopped"] + ["FINISHED"] * cell.trials["finished"])
+    for run in runs:
+        assert (run.data.tags.get("stopped_by") == "asha") == (run.info.status == "KILLED"), run.data.tags
+        assert "failure" not in run.data.tags
+
+    # Same seed, same trials, same stops, same numbers (concurrent trials finish in either order).
+    assert format_table(first) == format_table(second)
+    configs = lambda result, path: sorted(  # noqa: E731
+        (r.data.params["lr1"], r.data.params["slack_coef"], r.info.status) for r in _trial_runs(result, path))
+    assert configs(first, options(tmp_path / "a").tracking_uri) == configs(second, options(tmp_path / "b").tracking_uri)
 
 
 def _nan_model(*, device, dtype) -> LoadedModel:
