@@ -29,7 +29,7 @@ USER_ERRORS = (ValueError, StudyError, TrackingError, TeacherGenerationError, Ca
 
 
 def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
-    """``"unipc_bh1:3,ipndm:4"`` -> solver choices (order after a colon; the solver's default otherwise)."""
+    """``"unipc_bh1:3,ipndm"`` -> solver choices (order after a colon; the solver's highest order otherwise)."""
     choices = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, order = item.partition(":")
@@ -42,11 +42,13 @@ def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
 
 
 def _default_order(name: str) -> int:
-    from ld3.solvers import SOLVER_SPECS
+    """A solver named without ``:order`` runs at the highest order it supports."""
+    from ld3.solvers.registry import get_spec
 
-    if name not in SOLVER_SPECS:
-        raise ValueError(f"unknown solver {name!r} in --solvers; choose from {sorted(SOLVER_SPECS)}")
-    return SOLVER_SPECS[name].default_order
+    try:
+        return max(get_spec(name).orders)
+    except ValueError as err:
+        raise ValueError(f"{err} (in --solvers)") from None
 
 
 def parse_nfes(text: str) -> tuple[int, ...]:
@@ -74,7 +76,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="Tune experiment state, shared storage on a cluster; default: $LD3_STORAGE_DIR, else ./ray_results")
     p.add_argument("--num-samples", type=int, default=None, help="Optuna trials per (solver, NFE)")
     p.add_argument("--nfe", default=None, help="comma-separated NFEs, e.g. 4,6,8")
-    p.add_argument("--solvers", default=None, help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4")
+    p.add_argument("--solvers", default=None, help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4 (no order: the highest the solver has)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")

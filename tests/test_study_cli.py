@@ -50,3 +50,13 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     assert not ray.is_initialized()
     assert not (work / "cache").exists() or not any((work / "cache").iterdir())
     assert not (work / "exports").exists() or not any((work / "exports").iterdir())
+
+
+def test_a_solver_without_order_gets_its_highest_order():
+    from ld3.solvers import SOLVER_SPECS
+    from pipeline.cli import parse_solvers
+
+    choices = parse_solvers("ipndm,unipc_bh1:2")
+    assert [(c.name, c.order) for c in choices] == [("ipndm", max(SOLVER_SPECS["ipndm"].orders)), ("unipc_bh1", 2)]
+    with pytest.raises(ValueError, match="unknown solver 'nosuch'"):
+        parse_solvers("nosuch")
