@@ -47,13 +47,14 @@ from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
-from pipeline.export import build_export, save_export
+from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.fileio import ensure_writable_dir
 from pipeline.halving import BatchedSuccessiveHalving
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
-from pipeline.tracking import TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger, failure_reason
+from pipeline.tracking import (TAG_BEST, TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger,
+                               failure_reason, plot_learned_vs_baseline)
 
 log = logging.getLogger(__name__)
 
@@ -448,18 +449,33 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CellResult:
-    """Learned vs baselines for one (solver, order, NFE)."""
+    """Learned vs baselines for one (solver, order, NFE), and what was exported for it."""
 
     solver: SolverChoice
     nfe: int
     baselines: dict[str, dict[str, Any]]
-    best: dict[str, Any] | None  # the best finished trial's last report (None if every trial failed)
-    trials: dict[str, int]  # counts: finished, stopped (ASHA), failed
+    best: dict[str, Any] | None  # the best finished trial's last report (None if no trial finished)
+    trials: dict[str, int]  # counts: finished, stopped (early, by the halving rule), failed
     export_path: str | None
+    export_note: str = ""  # what happened to an earlier export of the cell (kept or replaced), for the console
 
     @property
     def best_baseline(self) -> tuple[str, dict[str, Any]]:
         return min(self.baselines.items(), key=lambda item: item[1]["final_val_loss"])
+
+    @property
+    def learned_wins(self) -> bool:
+        """A finished trial's validation loss beats every baseline's (ties go to the baseline)."""
+        return self.best is not None and self.best["final_val_loss"] < self.best_baseline[1]["final_val_loss"]
+
+    @property
+    def winner(self) -> str:
+        """The best schedule measured for the cell: "learned" or "baseline:<name>" (what is exported)."""
+        return "learned" if self.learned_wins else f"baseline:{self.best_baseline[0]}"
+
+    @property
+    def winner_run_id(self) -> str:
+        return (self.best if self.learned_wins else self.best_baseline[1])["mlflow_run_id"]
 
 
 @dataclass(frozen=True)
@@ -570,27 +586,38 @@ def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, ba
     results = _tuner(ctx, path, options).fit()
     _close_trial_runs(tracker, ctx, results)
     best, counts = _summarise_trials(results)
-    export_path = None
-    if best is not None:
-        export_path = str(_export_best(study, options, tracker, ctx.cache_key, schedule, solver, nfe, best, baselines))
-    return CellResult(solver, nfe, baselines, best, counts, export_path)
+    cell = CellResult(solver, nfe, baselines, best, counts, None)
+    outcome = _export_best(study, options, tracker, ctx.cache_key, schedule, cell)
+    tracker.client.set_tag(cell.winner_run_id, TAG_BEST, "true")
+    return replace(cell, export_path=str(outcome.path), export_note=outcome.note)
 
 
 def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, cache_key: str,
-                 schedule: NoiseSchedule, solver: SolverChoice, nfe: int, best: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> Path:
-    """Write the best trial's schedule to the exports folder and log it to the parent run."""
-    trial_config = best.get("config", {})
-    metrics = {k: best[k] for k in ("final_val_loss", "fd_exact") if k in best}
-    metrics |= {f"baseline_{name}_{k}": b[k] for name, b in baselines.items() for k in ("final_val_loss", "fd_exact") if k in b}
+                 schedule: NoiseSchedule, cell: CellResult) -> SaveOutcome:
+    """Export the best schedule measured for the cell (the best trial's, or the best baseline grid where no
+    trial beat it) to ``<exports_dir>/<study>/`` unless a better one is there, and log it to the parent run."""
+    base_name, base = cell.best_baseline
+    metrics = {f"baseline_{name}_{k}": b[k] for name, b in cell.baselines.items() for k in ("final_val_loss", "fd_exact") if k in b}
+    if cell.best is not None:
+        metrics |= {f"learned_{k}": cell.best[k] for k in ("final_val_loss", "fd_exact") if k in cell.best}
+    if cell.learned_wins:
+        trial_config = cell.best.get("config", {})
+        winner = dict(cell.best, config=trial_config, mode=trial_config.get("mode", study.trainer.mode),
+                      sigmas_eval=cell.best["sigmas_eval"] if trial_config.get("decoupled") else None)
+    else:
+        winner = dict(base, config={"discretization": base_name}, mode=base_name, sigmas_eval=None)
+    metrics |= {k: winner[k] for k in ("final_val_loss", "fd_exact") if k in winner}
     exported = build_export(
-        sigmas=torch.tensor(best["sigmas"], dtype=torch.float64), noise_schedule=schedule,
-        model=study.model.model_id, solver=solver.name, order=solver.order, nfe=nfe,
-        mode=trial_config.get("mode", study.trainer.mode),
-        sigmas_eval=torch.tensor(best["sigmas_eval"], dtype=torch.float64) if trial_config.get("decoupled") else None,
-        metrics=metrics, config=trial_config, teacher_cache_key=cache_key, mlflow_run_id=best["mlflow_run_id"],
-        study=study.name,
+        sigmas=torch.tensor(winner["sigmas"], dtype=torch.float64), noise_schedule=schedule,
+        model=study.model.model_id, solver=cell.solver.name, order=cell.solver.order, nfe=cell.nfe, mode=winner["mode"],
+        sigmas_eval=None if winner["sigmas_eval"] is None else torch.tensor(winner["sigmas_eval"], dtype=torch.float64),
+        metrics=metrics, config=winner["config"], teacher_cache_key=cache_key, mlflow_run_id=winner["mlflow_run_id"],
+        study=study.name, source=cell.winner, learned_beats_baseline=None if cell.best is None else cell.learned_wins,
     )
-    return save_export(exported, options.exports_dir, tracker=tracker)
+    outcome = save_best_export(exported, study_exports_dir(options.exports_dir, study.name), tracker=tracker)
+    if outcome.note:
+        log.warning("%s", outcome.note)
+    return outcome
 
 
 def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> StudyResult:
@@ -628,7 +655,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
         if started_ray:
             ray.shutdown()
     return StudyResult(study.name, study.model.model_id, cells, entry.hit, tracker.tracking_uri, tracker.experiment_id,
-                       tracker.run_id, entry.uri, os.path.abspath(options.exports_dir), evaluation)
+                       tracker.run_id, entry.uri, str(study_exports_dir(options.exports_dir, study.name)), evaluation)
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:
@@ -639,13 +666,23 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
 
 
 def _log_summary(tracker: StudyTracker, cells: Sequence[CellResult]) -> None:
+    """Per-cell metrics and tags, summary.json, the table as summary.md and summary.png (learned vs best
+    baseline validation loss per NFE, one panel per solver) on the study's parent run."""
     for cell in cells:
         prefix = f"{cell.solver.label}_nfe{cell.nfe}"
         metrics = {f"{prefix}_best_baseline_val_loss": cell.best_baseline[1]["final_val_loss"]}
         if cell.best is not None:
             metrics[f"{prefix}_learned_val_loss"] = cell.best["final_val_loss"]
         tracker.log_metrics(metrics)
+        tracker.set_tags({f"{prefix}_exported": cell.winner})
+    tracker.flush()
     tracker.log_dict({"cells": [_cell_row(c) for c in cells]}, "summary.json")
+    tracker.client.log_text(tracker.run_id, format_table(cells, markdown=True) + "\n", "summary.md")
+    losses = {cell.solver.label: {} for cell in cells}
+    for cell in cells:
+        losses[cell.solver.label][cell.nfe] = (cell.best_baseline[1]["final_val_loss"],
+                                               None if cell.best is None else cell.best["final_val_loss"])
+    tracker.log_figure(plot_learned_vs_baseline(losses), "summary.png")
 
 
 def _cell_row(cell: CellResult) -> dict[str, Any]:
@@ -654,26 +691,39 @@ def _cell_row(cell: CellResult) -> dict[str, Any]:
            "baseline_val_loss": base["final_val_loss"], "baseline_fd": base.get("fd_exact"),
            "learned_val_loss": None if cell.best is None else cell.best["final_val_loss"],
            "learned_fd": None if cell.best is None else cell.best.get("fd_exact"), **cell.trials,
-           "export": cell.export_path}
+           "exported": cell.winner, "export": cell.export_path}
     return row
 
 
-def format_table(result: StudyResult) -> str:
-    """Learned vs best baseline per (solver, NFE), as a fixed-width text table."""
-    header = f"{'solver':<14}{'NFE':>4}  {'best baseline':<16}{'val loss':>11}{'learned':>11}{'ratio':>8}"
-    has_fd = any("fd_exact" in c.best_baseline[1] for c in result.cells)
-    if has_fd:
-        header += f"{'FD base':>10}{'FD learned':>11}"
-    lines = [header + f"{'trials (ok/stopped/failed)':>29}", "-" * (len(header) + 29)]
-    for cell in result.cells:
+def _table_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[list[str]]]:
+    has_fd = any("fd_exact" in c.best_baseline[1] for c in cells)
+    header = ["solver", "NFE", "best baseline", "val loss", "learned", "ratio"]
+    header += ["FD base", "FD learned"] if has_fd else []
+    header += ["trials (ok/stopped/failed)", "exported"]
+    rows = []
+    for cell in cells:
         name, base = cell.best_baseline
         learned = None if cell.best is None else cell.best["final_val_loss"]
-        ratio = "" if learned is None else f"{learned / base['final_val_loss']:.3f}"
-        line = (f"{cell.solver.label:<14}{cell.nfe:>4}  {name:<16}{base['final_val_loss']:>11.3e}"
-                f"{'failed' if learned is None else f'{learned:.3e}':>11}{ratio:>8}")
+        row = [cell.solver.label, str(cell.nfe), name, f"{base['final_val_loss']:.3e}",
+               "failed" if learned is None else f"{learned:.3e}",
+               "" if learned is None else f"{learned / base['final_val_loss']:.3f}"]
         if has_fd:
-            fd_learned = "" if cell.best is None else f"{cell.best.get('fd_exact', float('nan')):.4f}"
-            line += f"{base.get('fd_exact', float('nan')):>10.4f}{fd_learned:>11}"
+            row += [f"{base.get('fd_exact', float('nan')):.4f}",
+                    "" if cell.best is None else f"{cell.best.get('fd_exact', float('nan')):.4f}"]
         t = cell.trials
-        lines.append(line + f"{t['finished']:>19}/{t['stopped']}/{t['failed']}")
-    return "\n".join(lines)
+        row += [f"{t['finished']}/{t['stopped']}/{t['failed']}", "learned" if cell.learned_wins else "baseline"]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(cells: Sequence[CellResult], markdown: bool = False) -> str:
+    """Learned vs best baseline per (solver, NFE) as fixed-width text (or a Markdown table); the last column
+    says which schedule was exported (the better of the two)."""
+    header, rows = _table_rows(cells)
+    if markdown:
+        lines = [header, ["---"] * len(header), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(line[i]) for line in (header, *rows)) for i in range(len(header))]
+    left = {0, 2}  # text columns; numbers align right
+    fmt = lambda line: "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "-" * len(fmt(header)), *(fmt(row) for row in rows)])

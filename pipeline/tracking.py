@@ -49,6 +49,7 @@ TAG_STUDY = "study"
 TAG_RUN_KEY = "run_key"
 TAG_CODE_VERSION = "code_version"
 TAG_FAILURE = "failure"  # why a FAILED run failed (always set on FAILED trial runs)
+TAG_BEST = "best"  # "true" on the run whose schedule a study exported for its cell
 TAG_STOPPED_BY = "stopped_by"  # who stopped a KILLED trial run early ("asha")
 IDENTITY_KEYS = ("model", "solver", "order", "nfe", "teacher_cache_key")
 RUN_KINDS = ("trial", "baseline")
@@ -238,6 +239,27 @@ def plot_schedule(
     axes.legend(fontsize="small", loc="upper right")
     if title:
         axes.set_title(title, fontsize="medium")
+    return figure
+
+
+def plot_learned_vs_baseline(losses: Mapping[str, Mapping[int, tuple[float, float | None]]]) -> Figure:
+    """Validation loss against NFE, one panel per solver: the best baseline (dashed) and the learned schedule
+    (solid; missing where no trial finished). ``losses[solver][nfe] = (best baseline, learned or None)``."""
+    figure = Figure(figsize=(4.0 * max(1, len(losses)), 3.6), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, (solver, by_nfe) in enumerate(losses.items()):
+        axes = figure.add_subplot(1, len(losses), index + 1)
+        nfes = sorted(by_nfe)
+        axes.plot(nfes, [by_nfe[n][0] for n in nfes], color="C1", ls="--", marker="s", label="best baseline")
+        learned = [(n, by_nfe[n][1]) for n in nfes if by_nfe[n][1] is not None]
+        axes.plot([n for n, _ in learned], [v for _, v in learned], color="C0", marker="o", label="learned (LD3)")
+        axes.set_yscale("log")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("NFE")
+        axes.set_ylabel("validation loss" if index == 0 else "")
+        axes.set_title(solver, fontsize="medium")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
     return figure
 
 
