@@ -53,6 +53,8 @@ TAG_BEST = "best"  # "true" on the run whose schedule a study exported for its c
 TAG_STOPPED_BY = "stopped_by"  # who stopped a KILLED trial run early ("asha")
 IDENTITY_KEYS = ("model", "solver", "order", "nfe", "teacher_cache_key")
 RUN_KINDS = ("trial", "baseline")
+# MLflow 3's UI opens an experiment on its GenAI overview unless this experiment tag says it is model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _STATUS_NAMES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -472,7 +474,7 @@ class TrialLogger(_RunLogger):
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            name = f"{model}/{solver}-o{order}/nfe{nfe}/{kind}-{key}"
+            name = f"{solver}-o{order} nfe{nfe} {key} {kind}"  # short; the end says trial or baseline
             run_id = client.create_run(context.experiment_id, run_name=name, tags=run_tags).info.run_id
         title = f"{model} · {solver} order {order} · NFE {nfe} · {kind} {key}"
         logger = cls(client, run_id, resumed=bool(existing), title=title,
@@ -520,21 +522,22 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, ma
 
 
 def _experiment_id(client: MlflowClient, study: str, tracking_uri: str) -> str:
+    """The id of experiment ``study`` (created if missing), tagged to open on the runs table in the MLflow UI."""
     experiment = client.get_experiment_by_name(study)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {study!r} is deleted; restore it (`mlflow experiments restore --experiment-id "
             f"{experiment.experiment_id}`) or use another study name"
         )
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(study, artifact_location=_local_artifact_location(tracking_uri))
-    except MlflowException:  # created meanwhile by another driver
+    if experiment is None:
+        try:
+            client.create_experiment(study, artifact_location=_local_artifact_location(tracking_uri))
+        except MlflowException:  # created meanwhile by another driver
+            pass
         experiment = client.get_experiment_by_name(study)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _local_artifact_location(tracking_uri: str) -> str | None:

@@ -85,7 +85,9 @@ def test_study_parent_and_nested_runs(tracking_dir, client, tmp_path):
     children = {run.data.tags["kind"]: run for run in study.child_runs()}
     assert set(children) == {"trial", "baseline"}
     trial_run = client.get_run(trial.run_id)
-    assert trial_run.info.run_name == "gmm/ipndm-o4/nfe6/trial-t0001"
+    assert trial_run.info.run_name == "ipndm-o4 nfe6 t0001 trial"
+    experiment = client.get_experiment(study.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     assert trial_run.info.status == "FINISHED"
     assert trial_run.data.tags["mlflow.parentRunId"] == study.run_id
     assert {k: trial_run.data.tags[k] for k in ("model", "solver", "order", "nfe", "teacher_cache_key")} == {
