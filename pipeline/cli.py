@@ -81,7 +81,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
     p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (Tune progress with -vv)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="show the libraries' own output too: Ray, Tune (its tables with -vv), MLflow, Optuna logging")
     evaluation = p.add_argument_group("evaluation stage (after the search; any of these turns it on)")
     evaluation.add_argument("--fid-samples", type=int, default=None, metavar="N",
                             help="samples per learned/baseline schedule (published FIDs: 50000)")
@@ -123,7 +124,7 @@ def _apply_evaluation_flags(config: StudyConfig, args: argparse.Namespace) -> St
 def options_from_args(args: argparse.Namespace) -> StudyOptions:
     return StudyOptions(address=args.address, num_cpus=args.num_cpus, tracking_uri=args.tracking_uri,
                         cache_dir=args.cache_dir, exports_dir=args.exports_dir, storage_dir=args.storage_dir,
-                        resume=not args.no_resume, verbose=max(0, args.verbose - 1))
+                        resume=not args.no_resume, verbose=args.verbose)
 
 
 def report(result: StudyResult) -> str:
@@ -144,6 +145,18 @@ def report(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Only warnings from Ray, Ray Data (no progress bars), Tune, MLflow and Optuna; the study prints its own progress."""
+    import optuna
+    import ray.data
+
+    for name in ("ray", "ray.tune", "ray.train", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its only warning: "progress bars disabled"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | None = None,
          parser: argparse.ArgumentParser | None = None) -> int:
     """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2."""
@@ -151,7 +164,9 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         config = apply_overrides(make_config(args), args)
         result = run_study(config, options_from_args(args))

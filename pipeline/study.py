@@ -20,11 +20,12 @@ parent run and finished baseline runs are reused, and the teacher data is a cach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluati
 from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.fileio import ensure_writable_dir
 from pipeline.halving import BatchedSuccessiveHalving
+from pipeline.progress import StudyProgress
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 INITS = ("uniform", "best_baseline")
 OBJECTIVE = "objective"  # what Optuna and ASHA minimise: best validation loss so far, then the final one
 EPOCH = "epoch"  # ASHA's clock: passes over the training data (comparable across train batch sizes)
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Tune's console engine switch ("0": the legacy one)
 FD_SEED_OFFSET = 1_000_000  # seeds of the samples used for data-space metrics, disjoint from teacher seeds
 
 
@@ -258,7 +261,8 @@ class StudyOptions:
     storage_dir: str = "ray_results"  # Tune experiment state (local folder or URI, shared on a cluster)
     work_dir: str = "."  # default home of the MLflow database
     resume: bool = True
-    verbose: int = 0  # Tune's console verbosity
+    verbose: int = 0  # 0: the progress line only; 1, 2: Tune's own console output too (its verbose levels)
+    progress: bool = True  # print the live progress line (pipeline.progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +506,7 @@ def _submit_baselines(ctx: CellContext) -> ray.ObjectRef:
     return task.remote(ctx, sorted(BASELINES))
 
 
-def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
+def _tuner(ctx: CellContext, path: str, options: StudyOptions, callbacks: Sequence[tune.Callback] = ()) -> tune.Tuner:
     study = ctx.study
     trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), _resources(study))
     if options.resume and tune.Tuner.can_restore(path):
@@ -525,7 +529,7 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", scheduler=scheduler,
                                     search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
                                     num_samples=study.num_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose,
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
@@ -576,14 +580,33 @@ def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTrack
     return CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context, study.model.resolve())
 
 
-def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef) -> CellResult:
+@contextlib.contextmanager
+def _tune_console(verbose: int) -> Iterator[None]:
+    """Tune's legacy console engine honours verbose=0 (silent); its new one prints a config box and hints anyway."""
+    previous = os.environ.get(NEW_OUTPUT_ENV)
+    if verbose == 0:
+        os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = previous
+
+
+def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef,
+              progress: StudyProgress | None, index: int) -> CellResult:
     study, solver, nfe = ctx.study, ctx.solver, ctx.nfe
     baselines, schedule = ray.get(baselines_ref)
     ctx = replace(ctx, best_baseline=min(baselines, key=lambda name: baselines[name]["final_val_loss"]))
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
-    log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
-             study.num_trials, study.max_concurrent, path)
-    results = _tuner(ctx, path, options).fit()
+    log.debug("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
+              study.num_trials, study.max_concurrent, path)
+    callbacks = [] if progress is None else [
+        progress.cell(index, f"{solver.label} NFE {nfe}", baselines[ctx.best_baseline]["final_val_loss"])]
+    with _tune_console(options.verbose):
+        results = _tuner(ctx, path, options, callbacks).fit()
     _close_trial_runs(tracker, ctx, results)
     best, counts = _summarise_trials(results)
     cell = CellResult(solver, nfe, baselines, best, counts, None)
@@ -643,7 +666,11 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
                     for solver in study.solvers for nfe in study.nfes]
         # Baselines of every cell are queued at once; each cell waits only for its own before its search.
         baseline_refs = [_submit_baselines(ctx) for ctx in contexts]
-        cells = tuple(_run_cell(ctx, options, tracker, ref) for ctx, ref in zip(contexts, baseline_refs))
+        progress = StudyProgress(len(contexts), study.num_trials) if options.progress else None
+        cells = tuple(_run_cell(ctx, options, tracker, ref, progress, index)
+                      for index, (ctx, ref) in enumerate(zip(contexts, baseline_refs)))
+        if progress is not None:
+            progress.close()
         _log_summary(tracker, cells)
         evaluation = None if study.evaluation is None else evaluate_study(study, cells, tracker)
         status = "FINISHED"
