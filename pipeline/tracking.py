@@ -256,7 +256,7 @@ def plot_learned_vs_baseline(losses: Mapping[str, Mapping[int, tuple[float, floa
         learned = [(n, by_nfe[n][1]) for n in nfes if by_nfe[n][1] is not None]
         axes.plot([n for n, _ in learned], [v for _, v in learned], color="C0", marker="o", label="learned (LD3)")
         axes.set_yscale("log")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xticks(nfes)
         axes.set_xlabel("NFE")
         axes.set_ylabel("validation loss" if index == 0 else "")
         axes.set_title(solver, fontsize="medium")
