@@ -163,9 +163,11 @@ def _quiet_libraries() -> None:
     import optuna
     import ray.data
 
-    for name in ("ray", "ray.tune", "ray.train", "mlflow", "alembic"):
+    for name in ("ray", "ray.train", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its only warning: "progress bars disabled"
+    # Ray Data warns that its progress bars are off; Tune that result processing is slow on a loaded machine.
+    for name in ("ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
