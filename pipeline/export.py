@@ -343,8 +343,9 @@ def save_best_export(
         old_value = old.metrics.get(metric)
         same_data = old.provenance.teacher_cache_key == exported.provenance.teacher_cache_key
         if same_data and old_value is not None and old_value <= new_value:
-            return SaveOutcome(path, False, f"kept {path}: its {metric} {old_value:.4g} (run "
-                                            f"{old.provenance.mlflow_run_id}) beats this run's {new_value:.4g}")
+            note = "" if old_value == new_value else (f"kept {path}: its {metric} {old_value:.4g} (run "
+                                                      f"{old.provenance.mlflow_run_id}) beats this run's {new_value:.4g}")
+            return SaveOutcome(path, False, note)  # a rerun that measured the same: nothing to say
         note = (f"replaced {path}: {metric} {old_value:.4g} -> {new_value:.4g}" if same_data and old_value is not None
                 else f"replaced {path}, whose {metric} was measured on other teacher data")
     return SaveOutcome(save_export(exported, exports_dir, tracker=tracker), True, note)

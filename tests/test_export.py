@@ -217,6 +217,8 @@ def test_a_better_export_is_kept_and_a_worse_one_replaced_with_a_note(tmp_path):
     worse = save_best_export(_edm_export(metrics={"val_loss": 0.3}, mlflow_run_id="worse"), tmp_path, metric="val_loss")
     assert not worse.written and worse.path == first.path and "kept" in worse.note and "0.1" in worse.note
     assert load_schedule(first.path).metrics["val_loss"] == 0.1
+    same = save_best_export(_edm_export(metrics={"val_loss": 0.1}), tmp_path, metric="val_loss")
+    assert not same.written and same.note == ""  # a rerun measuring the same: kept, nothing to report
     better = save_best_export(_edm_export(metrics={"val_loss": 0.05}), tmp_path, metric="val_loss")
     assert better.written and "0.1 -> 0.05" in better.note
     assert load_schedule(first.path).metrics["val_loss"] == 0.05
