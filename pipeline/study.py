@@ -51,8 +51,8 @@ from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluati
 from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.fileio import ensure_writable_dir
 from pipeline.halving import BatchedSuccessiveHalving
-from pipeline.progress import StudyProgress
 from pipeline.models import LoadedModel, ModelSpec
+from pipeline.progress import StudyProgress
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
 from pipeline.tracking import (TAG_BEST, TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger,
