@@ -11,6 +11,15 @@ import torch
 from torch import Tensor
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once at import (os.umask can only be read by setting it, which threads could see)
+
+
 def latents_from_seeds(
     seeds: Sequence[int] | Tensor,
     shape: Sequence[int],
@@ -38,12 +47,14 @@ def latents_from_seeds(
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace.
 
-    Readers see the old file or the new one, never a partial write; the folder is created if needed.
+    Readers see the old file or the new one, never a partial write; the folder is created if needed. The file
+    gets the permissions of a plain ``open()`` (0o666 less the umask, e.g. 0o644), not mkstemp's 0o600.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -29,7 +29,7 @@ USER_ERRORS = (ValueError, StudyError, TrackingError, TeacherGenerationError, Ca
 
 
 def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
-    """``"unipc_bh1:3,ipndm:4"`` -> solver choices (order after a colon; the solver's default otherwise)."""
+    """``"unipc_bh1:3,ipndm"`` -> solver choices (order after a colon; the solver's highest order otherwise)."""
     choices = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, order = item.partition(":")
@@ -42,11 +42,13 @@ def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
 
 
 def _default_order(name: str) -> int:
-    from ld3.solvers import SOLVER_SPECS
+    """A solver named without ``:order`` runs at the highest order it supports."""
+    from ld3.solvers.registry import get_spec
 
-    if name not in SOLVER_SPECS:
-        raise ValueError(f"unknown solver {name!r} in --solvers; choose from {sorted(SOLVER_SPECS)}")
-    return SOLVER_SPECS[name].default_order
+    try:
+        return max(get_spec(name).orders)
+    except ValueError as err:
+        raise ValueError(f"{err} (in --solvers)") from None
 
 
 def parse_nfes(text: str) -> tuple[int, ...]:
@@ -60,27 +62,41 @@ def parse_nfes(text: str) -> tuple[int, ...]:
     return nfes
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _study_default(defaults: StudyConfig | None, describe: Callable[[StudyConfig], str]) -> str:
+    return "" if defaults is None else f" (default: {describe(defaults)})"
+
+
+def build_parser(description: str, defaults: StudyConfig | None = None) -> argparse.ArgumentParser:
+    """The common flags; ``defaults`` (the script's study) fills in the defaults that ``--help`` shows."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke-test", action="store_true", help="tiny study for CI: few samples, trials and rounds")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray address ('auto' joins the cluster of this node); default: $RAY_ADDRESS, else Ray in-process")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of an in-process Ray (default: all)")
+                   help="Ray address ('auto' joins the cluster of this node) (default: $RAY_ADDRESS, else Ray in-process)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of an in-process Ray (default: all of this machine)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--cache-dir", default=os.environ.get("LD3_CACHE_DIR", "ld3_cache"),
-                   help="teacher cache: folder or pyarrow URI (s3://...); default: $LD3_CACHE_DIR, else ./ld3_cache")
-    p.add_argument("--exports-dir", default="exports", help="where the best schedules are written as JSON")
+                   help="teacher cache: folder or pyarrow URI (s3://...) (default: $LD3_CACHE_DIR, else ./ld3_cache)")
+    p.add_argument("--exports-dir", default="exports",
+                   help="the best schedules are written as JSON to <this folder>/<study>/ (default: ./exports)")
     p.add_argument("--storage-dir", default=os.environ.get("LD3_STORAGE_DIR", "ray_results"),
-                   help="Tune experiment state, shared storage on a cluster; default: $LD3_STORAGE_DIR, else ./ray_results")
-    p.add_argument("--num-samples", type=int, default=None, help="Optuna trials per (solver, NFE)")
-    p.add_argument("--nfe", default=None, help="comma-separated NFEs, e.g. 4,6,8")
-    p.add_argument("--solvers", default=None, help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial")
+                   help="Tune experiment state, shared storage on a cluster (default: $LD3_STORAGE_DIR, else ./ray_results)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="Optuna trials per (solver, NFE)" + _study_default(defaults, lambda d: str(d.num_trials)))
+    p.add_argument("--nfe", default=None, help="comma-separated NFEs, e.g. 4,6,8"
+                   + _study_default(defaults, lambda d: ",".join(map(str, d.nfes))))
+    p.add_argument("--solvers", default=None,
+                   help="comma-separated solver[:order], e.g. unipc_bh1:3,ipndm:4 (no order: the highest the solver has)"
+                   + _study_default(defaults, lambda d: ",".join(f"{c.name}:{c.order}" for c in d.solvers)))
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell"
+                   + _study_default(defaults, lambda d: str(d.max_concurrent)))
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)"
+                   + _study_default(defaults, lambda d: f"{d.gpus_per_trial:g}"))
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial"
+                   + _study_default(defaults, lambda d: f"{d.cpus_per_trial:g}"))
     p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (Tune progress with -vv)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="show the libraries' own output too: Ray, Tune (its tables with -vv), MLflow, Optuna logging")
     evaluation = p.add_argument_group("evaluation stage (after the search; any of these turns it on)")
     evaluation.add_argument("--fid-samples", type=int, default=None, metavar="N",
                             help="samples per learned/baseline schedule (published FIDs: 50000)")
@@ -130,7 +146,7 @@ def one_line(err: BaseException) -> str:
 def options_from_args(args: argparse.Namespace) -> StudyOptions:
     return StudyOptions(address=args.address, num_cpus=args.num_cpus, tracking_uri=args.tracking_uri,
                         cache_dir=args.cache_dir, exports_dir=args.exports_dir, storage_dir=args.storage_dir,
-                        resume=not args.no_resume, verbose=max(0, args.verbose - 1))
+                        resume=not args.no_resume, verbose=args.verbose)
 
 
 def report(result: StudyResult) -> str:
@@ -139,7 +155,8 @@ def report(result: StudyResult) -> str:
         f"Study {result.name!r} on {result.model_id}: learned (LD3) vs best baseline, validation loss on the",
         "teacher's validation set (original latents); ratio < 1 means the learned schedule wins.",
         "",
-        format_table(result),
+        format_table(result.cells),
+        *[f"note: {cell.export_note}" for cell in result.cells if cell.export_note],
         *([] if result.evaluation is None else ["", format_evaluation_table(result.evaluation)]),
         "",
         f"Exported schedules: {result.exports_dir}",
@@ -150,14 +167,31 @@ def report(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Only warnings from Ray, Ray Data (no progress bars), Tune, MLflow and Optuna; the study prints its own progress."""
+    import optuna
+    import ray.data
+
+    for name in ("ray", "ray.train", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data warns that its progress bars are off; Tune that result processing is slow on a loaded machine.
+    for name in ("ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | None = None,
-         parser: argparse.ArgumentParser | None = None) -> int:
-    """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2."""
-    parser = parser or build_parser(description)
+         parser: argparse.ArgumentParser | None = None, defaults: StudyConfig | None = None) -> int:
+    """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2.
+    ``defaults``: the script's study, whose values ``--help`` shows."""
+    parser = parser or build_parser(description, defaults)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         config = apply_overrides(make_config(args), args)
         result = run_study(config, options_from_args(args))
@@ -167,4 +201,36 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(report(result))
+    return 0
+
+
+def study_names() -> list[str]:
+    """The study scripts of ``studies/`` (the ``ld3-study`` command's first argument)."""
+    import pkgutil
+
+    import studies
+
+    return sorted(m.name for m in pkgutil.iter_modules(studies.__path__) if not m.name.startswith("_"))
+
+
+def study_command(argv: Sequence[str] | None = None) -> int:
+    """``ld3-study <study> [flags]`` (the installed console script): runs ``studies/<study>.py`` with the flags,
+    e.g. ``ld3-study gmm --smoke-test``."""
+    import runpy
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = study_names()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: ld3-study {{{','.join(names)}}} [flags]   (ld3-study <study> --help lists the flags)")
+        return 0 if argv else 2
+    if argv[0] not in names:
+        print(f"error: unknown study {argv[0]!r}; choose one of {', '.join(names)}", file=sys.stderr)
+        return 2
+    saved, sys.argv = sys.argv, [f"ld3-study {argv[0]}", *argv[1:]]  # the script parses sys.argv; [0] is its prog name
+    try:
+        runpy.run_module(f"studies.{argv[0]}", run_name="__main__")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = saved
     return 0

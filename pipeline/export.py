@@ -8,9 +8,14 @@ A file holds (schema version 1):
   ``sigmas`` (N+1, descending, σ_max … σ_min, EDM form), ``sigmas_eval`` (N+1 decoupled evaluation
   points, or null), ``timesteps`` / ``timesteps_eval`` (the same points in the model's native time,
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
-  config, code version, creation time in UTC), and ``consumers`` (derived from the grid, checked on load,
-  optional: what k-diffusion-style samplers, ComfyUI and diffusers schedulers take, see
-  ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
+  config, code version, creation time in UTC), ``source`` (``"learned"`` or ``"baseline:<name>"``: a study
+  exports the best schedule it measured for a cell, which is a baseline grid where no learned one beat it),
+  ``learned_beats_baseline`` (true, false, or null where no learned schedule finished) and ``consumers``
+  (derived from the grid, checked on load, optional: what k-diffusion-style samplers, ComfyUI and diffusers
+  schedulers take, see ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
+
+A study writes its files to ``<exports_dir>/<study>/`` (``study_exports_dir``) with ``save_best_export``,
+which keeps an existing file that scored better on the same teacher data instead of replacing it.
 
 ``load_schedule(path)`` validates a file (schema and keys; a known solver, its order and the NFE it spends
 on the grid; a known noise schedule and native times that fit the σ; σ within ``SIGMA_RANGE``; one-line
@@ -62,6 +67,7 @@ _TOP_LEVEL_KEYS = (
     "schema_version", "model", "solver", "order", "nfe", "n_steps", "noise_schedule", "mode", "decoupled",
     "sigmas", "sigmas_eval", "timesteps", "timesteps_eval", "metrics", "provenance",
 )
+_OPTIONAL_KEYS = ("source", "learned_beats_baseline")  # files written before they existed read as "learned"/null
 _PROVENANCE_KEYS = ("mlflow_run_id", "study", "teacher_cache_key", "config", "code_version", "created")
 
 
@@ -106,8 +112,13 @@ class ExportedSchedule:
     provenance: Provenance
     sigmas_eval: Tensor | None = None
     timesteps_eval: Tensor | None = None
+    source: str = "learned"  # or "baseline:<name>" when a baseline grid beat every learned schedule
+    learned_beats_baseline: bool | None = None  # None: no learned schedule to compare
 
     def __post_init__(self) -> None:
+        _require(self.source == "learned" or (self.source.startswith("baseline:") and len(self.source) > 9), "source",
+                 f"must be 'learned' or 'baseline:<name>', got {self.source!r}")
+        _require(self.learned_beats_baseline in (None, True, False), "learned_beats_baseline", "must be true, false or null")
         for name in ("model", "solver", "noise_schedule", "mode"):
             _require(isinstance(getattr(self, name), str) and getattr(self, name), name, "must be a non-empty string")
         for name in ("order", "nfe"):
@@ -159,6 +170,8 @@ class ExportedSchedule:
             "timesteps": self.timesteps.tolist(),
             "timesteps_eval": None if self.timesteps_eval is None else self.timesteps_eval.tolist(),
             "metrics": dict(self.metrics),
+            "source": self.source,
+            "learned_beats_baseline": self.learned_beats_baseline,
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_KEYS},
             "consumers": self.consumer_formats(),
         }
@@ -175,7 +188,7 @@ class ExportedSchedule:
         version = document.get("schema_version")
         _require(version == SCHEMA_VERSION, "schema_version",
                  f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
-        _check_keys(document, _TOP_LEVEL_KEYS, "")
+        _check_keys(document, _TOP_LEVEL_KEYS, "", optional=_OPTIONAL_KEYS)
         _check_keys(document["provenance"], _PROVENANCE_KEYS, "provenance.")
         exported = cls(
             model=document["model"], solver=document["solver"], order=document["order"], nfe=document["nfe"],
@@ -186,6 +199,8 @@ class ExportedSchedule:
             timesteps_eval=None if document["timesteps_eval"] is None else _tensor(document["timesteps_eval"], "timesteps_eval"),
             metrics=document["metrics"],
             provenance=Provenance(**document["provenance"]),
+            source=document.get("source", "learned"),
+            learned_beats_baseline=document.get("learned_beats_baseline"),
         )
         _require(document["n_steps"] == exported.n_steps, "n_steps",
                  f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
@@ -310,6 +325,8 @@ def build_export(
     sigmas_eval: Tensor | None = None,
     mlflow_run_id: str | None = None,
     study: str | None = None,
+    source: str = "learned",
+    learned_beats_baseline: bool | None = None,
 ) -> ExportedSchedule:
     """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``), with native timesteps from
     ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
@@ -325,6 +342,7 @@ def build_export(
         metrics={str(k): float(v) for k, v in metrics.items()},
         provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
                               mlflow_run_id=mlflow_run_id, study=study),
+        source=source, learned_beats_baseline=learned_beats_baseline,
     )
 
 
@@ -426,6 +444,57 @@ def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: Nois
     )
 
 
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What ``save_best_export`` did: ``written`` False means an existing, better file was kept."""
+
+    path: Path
+    written: bool
+    note: str  # one line for the console; empty when a new file was written where there was none
+
+
+def study_exports_dir(exports_dir: str | os.PathLike, study: str) -> Path:
+    """``<exports_dir>/<study>``: each study's exports in their own folder, so studies never overwrite each other."""
+    return Path(exports_dir) / _slug(study)
+
+
+def save_best_export(
+    exported: ExportedSchedule,
+    exports_dir: str | os.PathLike,
+    *,
+    metric: str = "final_val_loss",
+    tracker: "StudyTracker | TrialLogger | None" = None,
+) -> SaveOutcome:
+    """Like ``save_export``, but an existing file of the same cell whose ``metric`` on the same teacher data is
+    at least as good is kept (the new one is not written); the outcome says what happened and why."""
+    path = Path(exports_dir) / exported.file_name
+    new_value = exported.metrics[metric]
+    old = _existing_export(path)
+    note = ""
+    if isinstance(old, str):
+        note = f"replaced {path} ({old})"
+    elif old is not None:
+        old_value = old.metrics.get(metric)
+        same_data = old.provenance.teacher_cache_key == exported.provenance.teacher_cache_key
+        if same_data and old_value is not None and old_value <= new_value:
+            note = "" if old_value == new_value else (f"kept {path}: its {metric} {old_value:.4g} (run "
+                                                      f"{old.provenance.mlflow_run_id}) beats this run's {new_value:.4g}")
+            return SaveOutcome(path, False, note)  # a rerun that measured the same: nothing to say
+        note = (f"replaced {path}: {metric} {old_value:.4g} -> {new_value:.4g}" if same_data and old_value is not None
+                else f"replaced {path}, whose {metric} was measured on other teacher data")
+    return SaveOutcome(save_export(exported, exports_dir, tracker=tracker), True, note)
+
+
+def _existing_export(path: Path) -> ExportedSchedule | str | None:
+    """The valid export at ``path``, None if there is none, or why the file there cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return load_schedule(path)
+    except (OSError, ValueError) as err:
+        return f"it was not a valid export: {str(err).splitlines()[0]}"
+
+
 def _slug(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-.")
     if not slug:
@@ -438,13 +507,13 @@ def _require(condition: bool, name: str, problem: str) -> None:
         raise ValueError(f"{name} {problem}")
 
 
-def _check_keys(document: Any, expected: tuple[str, ...], prefix: str) -> None:
+def _check_keys(document: Any, expected: tuple[str, ...], prefix: str, optional: tuple[str, ...] = ()) -> None:
     _require(isinstance(document, dict), prefix.rstrip(".") or "document", "must be a JSON object")
     missing = [k for k in expected if k not in document]
-    unknown = sorted(k for k in document if k not in expected)
+    unknown = sorted(k for k in document if k not in expected + optional)
     _require(not missing, f"{prefix}{missing[0] if missing else ''}", "is missing")
     _require(not unknown, f"{prefix}{unknown[0] if unknown else ''}",
-             f"is not a field of schema version {SCHEMA_VERSION} (fields: {', '.join(expected)})")
+             f"is not a field of schema version {SCHEMA_VERSION} (fields: {', '.join(expected + optional)})")
 
 
 def _tensor(values: Any, name: str) -> Tensor:

@@ -168,7 +168,7 @@ class ModelStudy:
     # ---- command line ----------------------------------------------------------------------------
     def parser(self) -> argparse.ArgumentParser:
         """The common study flags plus this model's."""
-        p = build_parser(self.description)
+        p = build_parser(self.description, self.study)
         family, kwargs = self.study.model.family, self.study.model.kwargs
         p.add_argument("--checkpoint", default=None,
                        help=f"the model ({family}); default: ${self.env_var}, else {self.default_checkpoint}")

@@ -7,7 +7,8 @@
 3. opens (or resumes) the study's MLflow parent run;
 4. per cell (solver, order, NFE): evaluates the baseline grids on the validation data (nested runs),
    then runs Tune with ``OptunaSearch`` (seeded TPE, define-by-run space with conditional parameters,
-   the paper's recipe as the first point) and ``ASHAScheduler`` on the per-step validation loss; every
+   the paper's recipe as the first point) and successive halving on the per-step validation loss
+   (pipeline.halving: ASHA's rule, in batches, so a seed gives the same result every time); every
    trial reads the cached teacher data, logs a nested MLflow run and reports to Tune;
 5. exports the best schedule of each cell and returns a table of learned vs baseline;
 6. optionally (``StudyConfig.evaluation``) samples the exported and baseline schedules on Ray workers for
@@ -19,20 +20,20 @@ parent run and finished baseline runs are reused, and the teacher data is a cach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ld3.baselines import AYS_MODEL_OF_FAMILY, cell_baselines
@@ -47,13 +48,16 @@ from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
-from pipeline.export import build_export, save_export
 from pipeline.cache_store import resolve_root
+from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.fileio import check_writable_dir
+from pipeline.halving import BatchedSuccessiveHalving
 from pipeline.models import LoadedModel, ModelSpec
+from pipeline.progress import StudyProgress
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
-from pipeline.tracking import StudyTracker, TrackingContext, TrialLogger
+from pipeline.tracking import (TAG_BEST, TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger,
+                               failure_reason, plot_learned_vs_baseline)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ INITS = ("uniform", "best_baseline")
 OBJECTIVE = "objective"  # what Optuna and ASHA minimise: best validation loss so far, then the final one
 EPOCH = "epoch"  # ASHA's clock: passes over the training data (comparable across train batch sizes)
 QUALITY_KEYS = ("fd_exact", "fd_classifier", "class_accuracy")  # sample-quality metrics of a schedule (_data_metrics)
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Tune's console engine switch ("0": the legacy one)
 FD_SEED_OFFSET = 1_000_000  # seeds of the samples used for data-space metrics, disjoint from teacher seeds
 
 
@@ -258,7 +263,8 @@ class StudyOptions:
     storage_dir: str = "ray_results"  # Tune experiment state (local folder or URI, shared on a cluster)
     work_dir: str = "."  # default home of the MLflow database
     resume: bool = True
-    verbose: int = 0  # Tune's console verbosity
+    verbose: int = 0  # 0: the progress line only; 1, 2: Tune's own console output too (its verbose levels)
+    progress: bool = True  # print the live progress line (pipeline.progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,8 +469,13 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
                            loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
                            loss_fn=loaded.loss_fn,
                            callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
-    except BaseException as err:  # TrainingDiverged and any other error: the run says why it failed
-        run.set_tags({"failure": f"{type(err).__name__}: {err}"})
+    except (SystemExit, KeyboardInterrupt):
+        # Tune stops a function trainable by raising SystemExit from tune.report (ray.train's session, when the
+        # scheduler stops the trial or the experiment ends): the trial was stopped, it did not fail.
+        run.end("KILLED")
+        raise
+    except Exception as err:
+        run.set_tags({TAG_FAILURE: failure_reason(err)})
         run.end("FAILED")
         raise
     metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
@@ -482,14 +493,15 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CellResult:
-    """Learned vs baselines for one (solver, order, NFE)."""
+    """Learned vs baselines for one (solver, order, NFE), and what was exported for it."""
 
     solver: SolverChoice
     nfe: int
     baselines: dict[str, dict[str, Any]]
-    best: dict[str, Any] | None  # the best finished trial's last report (None if every trial failed)
-    trials: dict[str, int]  # counts: finished, stopped (ASHA), failed
+    best: dict[str, Any] | None  # the best finished trial's last report (None if no trial finished)
+    trials: dict[str, int]  # counts: finished, stopped (early, by the halving rule), failed
     export_path: str | None
+    export_note: str = ""  # what happened to an earlier export of the cell (kept or replaced), for the console
 
     @property
     def best_baseline(self) -> tuple[str, dict[str, Any]]:
@@ -506,6 +518,20 @@ class CellResult:
         key = self.fd_key
         scored = [(name, m[key]) for name, m in self.baselines.items() if key is not None and key in m]
         return min(scored, key=lambda item: item[1]) if scored else None
+
+    @property
+    def learned_wins(self) -> bool:
+        """A finished trial's validation loss beats every baseline's (ties go to the baseline)."""
+        return self.best is not None and self.best["final_val_loss"] < self.best_baseline[1]["final_val_loss"]
+
+    @property
+    def winner(self) -> str:
+        """The best schedule measured for the cell: "learned" or "baseline:<name>" (what is exported)."""
+        return "learned" if self.learned_wins else f"baseline:{self.best_baseline[0]}"
+
+    @property
+    def winner_run_id(self) -> str:
+        return (self.best if self.learned_wins else self.best_baseline[1])["mlflow_run_id"]
 
 
 @dataclass(frozen=True)
@@ -532,7 +558,7 @@ def _submit_baselines(ctx: CellContext) -> ray.ObjectRef:
     return task.remote(ctx)
 
 
-def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
+def _tuner(ctx: CellContext, path: str, options: StudyOptions, callbacks: Sequence[tune.Callback] = ()) -> tune.Tuner:
     study = ctx.study
     trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), _resources(study))
     if options.resume and tune.Tuner.can_restore(path):
@@ -543,35 +569,61 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
         points_to_evaluate=[reference_point(study.trainer, study.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=max(2, study.num_trials // 3)),
     )
-    scheduler = ASHAScheduler(time_attr=EPOCH, grace_period=study.asha_grace_epochs,
-                              reduction_factor=study.asha_reduction_factor,
-                              max_t=max(study.search.max_epochs, study.asha_grace_epochs),
-                              stop_last_trials=False)  # a trial at max_t still reports its final metrics
+    # Batches of max_concurrent trials, the searcher told only once a batch has ended, and a halving rule
+    # that compares with earlier batches only: the same seed gives the same trials and the same stops.
+    scheduler = BatchedSuccessiveHalving(time_attr=EPOCH, grace_period=study.asha_grace_epochs,
+                                         reduction_factor=study.asha_reduction_factor,
+                                         max_t=max(study.search.max_epochs, study.asha_grace_epochs),
+                                         batch_size=study.max_concurrent)
     storage, name = os.path.split(path.rstrip("/"))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=study.num_trials, max_concurrent_trials=study.max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose,
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="min", scheduler=scheduler,
+                                    search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
+                                    num_samples=study.num_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
 
+def _is_finished(result: tune.Result) -> bool:
+    # Only a trial that ran to its end reports final_val_loss (Tune also marks early-stopped trials "done").
+    return result.error is None and bool(result.metrics) and "final_val_loss" in result.metrics
+
+
 def _summarise_trials(results: tune.ResultGrid) -> tuple[dict[str, Any] | None, dict[str, int]]:
-    # Only a trial that ran to its end reports final_val_loss (Tune also marks ASHA-stopped trials "done").
-    finished = [r.metrics for r in results if r.error is None and r.metrics and "final_val_loss" in r.metrics]
+    finished = [r.metrics for r in results if _is_finished(r)]
     failed = sum(1 for r in results if r.error is not None)
     counts = {"finished": len(finished), "stopped": len(results) - len(finished) - failed, "failed": failed}
     best = min(finished, key=lambda m: m["final_val_loss"]) if finished else None
     return best, counts
 
 
-def _mark_stopped_runs(tracker: StudyTracker) -> None:
-    """Trials stopped early by ASHA never end their MLflow run themselves: mark them KILLED."""
-    for run in tracker.child_runs(kind="trial", status="RUNNING"):
-        tracker.client.set_tag(run.info.run_id, "stopped_by", "asha")
-        tracker.client.set_terminated(run.info.run_id, status="KILLED")
+def _close_trial_runs(tracker: StudyTracker, ctx: CellContext, results: tune.ResultGrid) -> None:
+    """Give every trial run of the cell its final status: a trial stopped early by the halving rule is KILLED
+    with tag stopped_by=asha, an errored one FAILED with its reason in tag failure (the trial process marks
+    itself, this covers processes that ended before they could), one still RUNNING otherwise KILLED."""
+    stopped, errors = set(), {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if result.error is not None and trial_id:
+            errors[trial_id] = result.error
+        elif trial_id and not _is_finished(result):
+            stopped.add(trial_id)
+    cell_tags = {"solver": ctx.solver.name, "order": str(ctx.solver.order), "nfe": str(ctx.nfe)}
+    for run in tracker.child_runs(kind="trial"):
+        tags = run.data.tags
+        if any(tags.get(k) != v for k, v in cell_tags.items()):
+            continue
+        run_id, key = run.info.run_id, tags.get("run_key")
+        if key in stopped:
+            tracker.client.set_tag(run_id, TAG_STOPPED_BY, "asha")
+            tracker.client.set_terminated(run_id, status="KILLED")
+        elif key in errors and (run.info.status != "FAILED" or TAG_FAILURE not in tags):
+            tracker.client.set_tag(run_id, TAG_FAILURE, tags.get(TAG_FAILURE) or failure_reason(errors[key]))
+            tracker.client.set_terminated(run_id, status="FAILED")
+        elif run.info.status == "RUNNING":
+            tracker.client.set_terminated(run_id, status="KILLED")
 
 
 def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, entry: CacheEntry,
@@ -580,39 +632,69 @@ def _cell_context(study: StudyConfig, options: StudyOptions, tracker: StudyTrack
     return CellContext(study, solver, nfe, n_steps, options.cache_dir, entry.key, tracker.context, study.model.resolve())
 
 
-def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef) -> CellResult:
+@contextlib.contextmanager
+def _tune_console(verbose: int) -> Iterator[None]:
+    """Tune's legacy console engine honours verbose=0 (silent); its new one prints a config box and hints anyway."""
+    previous = os.environ.get(NEW_OUTPUT_ENV)
+    if verbose == 0:
+        os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = previous
+
+
+def _run_cell(ctx: CellContext, options: StudyOptions, tracker: StudyTracker, baselines_ref: ray.ObjectRef,
+              progress: StudyProgress | None, index: int) -> CellResult:
     study, solver, nfe = ctx.study, ctx.solver, ctx.nfe
     baselines, schedule = ray.get(baselines_ref)
     ctx = replace(ctx, best_baseline=min(baselines, key=lambda name: baselines[name]["final_val_loss"]),
                   baseline_sigmas={name: tuple(b["sigmas"]) for name, b in baselines.items()},
                   baseline_costs={name: b["schedule_cost_s"] for name, b in baselines.items()})
     path = f"{options.storage_dir.rstrip('/')}/{study.name}/{solver.label}-nfe{nfe}"
-    log.info("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
-             study.num_trials, study.max_concurrent, path)
-    results = _tuner(ctx, path, options).fit()
-    _mark_stopped_runs(tracker)
+    log.debug("cell %s NFE %d (%d steps): %d trials, %d at a time, Tune state in %s", solver.label, nfe, ctx.n_steps,
+              study.num_trials, study.max_concurrent, path)
+    callbacks = [] if progress is None else [
+        progress.cell(index, f"{solver.label} NFE {nfe}", baselines[ctx.best_baseline]["final_val_loss"])]
+    with _tune_console(options.verbose):
+        results = _tuner(ctx, path, options, callbacks).fit()
+    _close_trial_runs(tracker, ctx, results)
     best, counts = _summarise_trials(results)
-    export_path = None
-    if best is not None:
-        export_path = str(_export_best(study, options, tracker, ctx.cache_key, schedule, solver, nfe, best, baselines))
-    return CellResult(solver, nfe, baselines, best, counts, export_path)
+    cell = CellResult(solver, nfe, baselines, best, counts, None)
+    outcome = _export_best(study, options, tracker, ctx.cache_key, schedule, cell)
+    tracker.client.set_tag(cell.winner_run_id, TAG_BEST, "true")
+    return replace(cell, export_path=str(outcome.path), export_note=outcome.note)
 
 
 def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracker, cache_key: str,
-                 schedule: NoiseSchedule, solver: SolverChoice, nfe: int, best: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> Path:
-    """Write the best trial's schedule to the exports folder and log it to the parent run."""
-    trial_config = best.get("config", {})
-    metrics = {k: best[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in best}
-    metrics |= {f"baseline_{name}_{k}": b[k] for name, b in baselines.items() for k in ("final_val_loss", *QUALITY_KEYS) if k in b}
+                 schedule: NoiseSchedule, cell: CellResult) -> SaveOutcome:
+    """Export the best schedule measured for the cell (the best trial's, or the best baseline grid where no
+    trial beat it) to ``<exports_dir>/<study>/`` unless a better one is there, and log it to the parent run."""
+    base_name, base = cell.best_baseline
+    metrics = {f"baseline_{name}_{k}": b[k] for name, b in cell.baselines.items() for k in ("final_val_loss", *QUALITY_KEYS) if k in b}
+    if cell.best is not None:
+        metrics |= {f"learned_{k}": cell.best[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in cell.best}
+    if cell.learned_wins:
+        trial_config = cell.best.get("config", {})
+        winner = dict(cell.best, config=trial_config, mode=trial_config.get("mode", study.trainer.mode),
+                      sigmas_eval=cell.best["sigmas_eval"] if trial_config.get("decoupled") else None)
+    else:
+        winner = dict(base, config={"discretization": base_name}, mode=base_name, sigmas_eval=None)
+    metrics |= {k: winner[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in winner}
     exported = build_export(
-        sigmas=torch.tensor(best["sigmas"], dtype=torch.float64), noise_schedule=schedule,
-        model=study.model.model_id, solver=solver.name, order=solver.order, nfe=nfe,
-        mode=trial_config.get("mode", study.trainer.mode),
-        sigmas_eval=torch.tensor(best["sigmas_eval"], dtype=torch.float64) if trial_config.get("decoupled") else None,
-        metrics=metrics, config=trial_config, teacher_cache_key=cache_key, mlflow_run_id=best["mlflow_run_id"],
-        study=study.name,
+        sigmas=torch.tensor(winner["sigmas"], dtype=torch.float64), noise_schedule=schedule,
+        model=study.model.model_id, solver=cell.solver.name, order=cell.solver.order, nfe=cell.nfe, mode=winner["mode"],
+        sigmas_eval=None if winner["sigmas_eval"] is None else torch.tensor(winner["sigmas_eval"], dtype=torch.float64),
+        metrics=metrics, config=winner["config"], teacher_cache_key=cache_key, mlflow_run_id=winner["mlflow_run_id"],
+        study=study.name, source=cell.winner, learned_beats_baseline=None if cell.best is None else cell.learned_wins,
     )
-    return save_export(exported, options.exports_dir, tracker=tracker)
+    outcome = save_best_export(exported, study_exports_dir(options.exports_dir, study.name), tracker=tracker)
+    if outcome.note:
+        log.warning("%s", outcome.note)
+    return outcome
 
 
 def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> StudyResult:
@@ -640,7 +722,11 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
                     for solver in study.solvers for nfe in study.nfes]
         # Baselines of every cell are queued at once; each cell waits only for its own before its search.
         baseline_refs = [_submit_baselines(ctx) for ctx in contexts]
-        cells = tuple(_run_cell(ctx, options, tracker, ref) for ctx, ref in zip(contexts, baseline_refs))
+        progress = StudyProgress(len(contexts), study.num_trials) if options.progress else None
+        cells = tuple(_run_cell(ctx, options, tracker, ref, progress, index)
+                      for index, (ctx, ref) in enumerate(zip(contexts, baseline_refs)))
+        if progress is not None:
+            progress.close()
         _log_summary(tracker, cells)
         evaluation = None if study.evaluation is None else evaluate_study(study, cells, tracker)
         status = "FINISHED"
@@ -652,7 +738,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
         if started_ray:
             ray.shutdown()
     return StudyResult(study.name, study.model.model_id, cells, entry.hit, tracker.tracking_uri, tracker.experiment_id,
-                       tracker.run_id, entry.uri, os.path.abspath(options.exports_dir), evaluation)
+                       tracker.run_id, entry.uri, str(study_exports_dir(options.exports_dir, study.name)), evaluation)
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:
@@ -663,13 +749,23 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
 
 
 def _log_summary(tracker: StudyTracker, cells: Sequence[CellResult]) -> None:
+    """Per-cell metrics and tags, summary.json, the table as summary.md and summary.png (learned vs best
+    baseline validation loss per NFE, one panel per solver) on the study's parent run."""
     for cell in cells:
         prefix = f"{cell.solver.label}_nfe{cell.nfe}"
         metrics = {f"{prefix}_best_baseline_val_loss": cell.best_baseline[1]["final_val_loss"]}
         if cell.best is not None:
             metrics[f"{prefix}_learned_val_loss"] = cell.best["final_val_loss"]
         tracker.log_metrics(metrics)
+        tracker.set_tags({f"{prefix}_exported": cell.winner})
+    tracker.flush()
     tracker.log_dict({"cells": [_cell_row(c) for c in cells]}, "summary.json")
+    tracker.client.log_text(tracker.run_id, format_table(cells, markdown=True) + "\n", "summary.md")
+    losses = {cell.solver.label: {} for cell in cells}
+    for cell in cells:
+        losses[cell.solver.label][cell.nfe] = (cell.best_baseline[1]["final_val_loss"],
+                                               None if cell.best is None else cell.best["final_val_loss"])
+    tracker.log_figure(plot_learned_vs_baseline(losses), "summary.png")
 
 
 def _cell_row(cell: CellResult) -> dict[str, Any]:
@@ -680,28 +776,41 @@ def _cell_row(cell: CellResult) -> dict[str, Any]:
            "learned_val_loss": None if cell.best is None else cell.best["final_val_loss"],
            "learned_fd": None if cell.best is None or cell.fd_key is None else cell.best.get(cell.fd_key),
            "learned_class_accuracy": None if cell.best is None else cell.best.get("class_accuracy"), **cell.trials,
-           "export": cell.export_path}
+           "exported": cell.winner, "export": cell.export_path}
     return row
 
 
-def format_table(result: StudyResult) -> str:
-    """Learned vs best baseline per (solver, NFE), as a fixed-width text table."""
-    header = f"{'solver':<14}{'NFE':>4}  {'best baseline':<16}{'cost s':>8}{'val loss':>11}{'learned':>11}{'ratio':>8}"
-    has_fd = any(c.best_fd_baseline is not None for c in result.cells)
-    if has_fd:
-        header += f"{'FD best base':>23}{'FD learned':>11}"
-    lines = [header + f"{'trials (ok/stopped/failed)':>29}", "-" * (len(header) + 29)]
-    for cell in result.cells:
+def _table_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[list[str]]]:
+    has_fd = any(c.best_fd_baseline is not None for c in cells)
+    header = ["solver", "NFE", "best baseline", "cost s", "val loss", "learned", "ratio"]
+    header += ["FD best baseline", "FD learned"] if has_fd else []
+    header += ["trials (ok/stopped/failed)", "exported"]
+    rows = []
+    for cell in cells:
         name, base = cell.best_baseline
         learned = None if cell.best is None else cell.best["final_val_loss"]
-        ratio = "" if learned is None else f"{learned / base['final_val_loss']:.3f}"
-        line = (f"{cell.solver.label:<14}{cell.nfe:>4}  {name:<16}{base.get('schedule_cost_s', float('nan')):>8.3g}"
-                f"{base['final_val_loss']:>11.3e}"
-                f"{'failed' if learned is None else f'{learned:.3e}':>11}{ratio:>8}")
+        row = [cell.solver.label, str(cell.nfe), name, f"{base.get('schedule_cost_s', float('nan')):.2g}",
+               f"{base['final_val_loss']:.3e}",
+               "failed" if learned is None else f"{learned:.3e}",
+               "" if learned is None else f"{learned / base['final_val_loss']:.3f}"]
         if has_fd:
             fd_name, fd_base = cell.best_fd_baseline or ("-", float("nan"))
-            fd_learned = "" if cell.best is None else f"{cell.best.get(cell.fd_key, float('nan')):.4f}"
-            line += f"{fd_name:>15}{fd_base:>8.4f}{fd_learned:>11}"
+            row += [f"{fd_name} {fd_base:.4f}",
+                    "" if cell.best is None else f"{cell.best.get(cell.fd_key, float('nan')):.4f}"]
         t = cell.trials
-        lines.append(line + f"{t['finished']:>19}/{t['stopped']}/{t['failed']}")
-    return "\n".join(lines)
+        row += [f"{t['finished']}/{t['stopped']}/{t['failed']}", "learned" if cell.learned_wins else "baseline"]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(cells: Sequence[CellResult], markdown: bool = False) -> str:
+    """Learned vs best baseline per (solver, NFE) as fixed-width text (or a Markdown table); the last column
+    says which schedule was exported (the better of the two)."""
+    header, rows = _table_rows(cells)
+    if markdown:
+        lines = [header, ["---"] * len(header), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(line[i]) for line in (header, *rows)) for i in range(len(header))]
+    left = {0, 2}  # text columns; numbers align right
+    fmt = lambda line: "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))  # noqa: E731
+    return "\n".join([fmt(header), "-" * len(fmt(header)), *(fmt(row) for row in rows)])

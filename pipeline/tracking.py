@@ -46,8 +46,13 @@ TAG_KIND = "kind"
 TAG_STUDY = "study"
 TAG_RUN_KEY = "run_key"
 TAG_CODE_VERSION = "code_version"
+TAG_FAILURE = "failure"  # why a FAILED run failed (always set on FAILED trial runs)
+TAG_BEST = "best"  # "true" on the run whose schedule a study exported for its cell
+TAG_STOPPED_BY = "stopped_by"  # who stopped a KILLED trial run early ("asha")
 IDENTITY_KEYS = ("model", "solver", "order", "nfe", "teacher_cache_key")
 RUN_KINDS = ("trial", "baseline")
+# MLflow 3's UI opens an experiment on its GenAI overview unless this experiment tag says it is model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _STATUS_NAMES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -120,6 +125,12 @@ def _probe_server(tracking_uri: str, timeout_s: float) -> None:
             f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it "
             f"(e.g. `mlflow server --host 0.0.0.0 --port 5000`) or pass a reachable --tracking-uri / {TRACKING_URI_ENV}"
         ) from None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for the ``failure`` tag: the exception's type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:
@@ -195,6 +206,27 @@ def plot_schedule(
     axes.legend(fontsize="small", loc="upper right")
     if title:
         axes.set_title(title, fontsize="medium")
+    return figure
+
+
+def plot_learned_vs_baseline(losses: Mapping[str, Mapping[int, tuple[float, float | None]]]) -> Figure:
+    """Validation loss against NFE, one panel per solver: the best baseline (dashed) and the learned schedule
+    (solid; missing where no trial finished). ``losses[solver][nfe] = (best baseline, learned or None)``."""
+    figure = Figure(figsize=(4.0 * max(1, len(losses)), 3.6), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, (solver, by_nfe) in enumerate(losses.items()):
+        axes = figure.add_subplot(1, len(losses), index + 1)
+        nfes = sorted(by_nfe)
+        axes.plot(nfes, [by_nfe[n][0] for n in nfes], color="C1", ls="--", marker="s", label="best baseline")
+        learned = [(n, by_nfe[n][1]) for n in nfes if by_nfe[n][1] is not None]
+        axes.plot([n for n, _ in learned], [v for _, v in learned], color="C0", marker="o", label="learned (LD3)")
+        axes.set_yscale("log")
+        axes.set_xticks(nfes)
+        axes.set_xlabel("NFE")
+        axes.set_ylabel("validation loss" if index == 0 else "")
+        axes.set_title(solver, fontsize="medium")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
     return figure
 
 
@@ -409,7 +441,7 @@ class TrialLogger(_RunLogger):
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            name = f"{model}/{solver}-o{order}/nfe{nfe}/{kind}-{key}"
+            name = f"{solver}-o{order} nfe{nfe} {key} {kind}"  # short; the end says trial or baseline
             run_id = client.create_run(context.experiment_id, run_name=name, tags=run_tags).info.run_id
         title = f"{model} · {solver} order {order} · NFE {nfe} · {kind} {key}"
         logger = cls(client, run_id, resumed=bool(existing), title=title,
@@ -457,21 +489,22 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, ma
 
 
 def _experiment_id(client: MlflowClient, study: str, tracking_uri: str) -> str:
+    """The id of experiment ``study`` (created if missing), tagged to open on the runs table in the MLflow UI."""
     experiment = client.get_experiment_by_name(study)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {study!r} is deleted; restore it (`mlflow experiments restore --experiment-id "
             f"{experiment.experiment_id}`) or use another study name"
         )
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(study, artifact_location=_local_artifact_location(tracking_uri))
-    except MlflowException:  # created meanwhile by another driver
+    if experiment is None:
+        try:
+            client.create_experiment(study, artifact_location=_local_artifact_location(tracking_uri))
+        except MlflowException:  # created meanwhile by another driver
+            pass
         experiment = client.get_experiment_by_name(study)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _local_artifact_location(tracking_uri: str) -> str | None:

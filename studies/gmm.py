@@ -57,4 +57,4 @@ def make_config(args: argparse.Namespace) -> StudyConfig:
 
 
 if __name__ == "__main__":
-    sys.exit(main(make_config, __doc__.splitlines()[0]))
+    sys.exit(main(make_config, __doc__.splitlines()[0], defaults=STUDY))

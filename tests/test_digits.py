@@ -5,7 +5,6 @@ and a short study on it end to end (Ray, MLflow, exports)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from pipeline.export import (
     build_export,
     export_file_name,
     load_schedule,
+    save_best_export,
     save_export,
+    study_exports_dir,
 )
 from pipeline.tracking import StudyTracker
 
@@ -201,3 +204,48 @@ def test_diffusers_lists_refuse_what_diffusers_cannot_express():
     with pytest.raises(ValueError, match="round to the same integer timestep"):
         dense.diffusers_timesteps()
     assert len(dense.diffusers_timesteps(integer=False)) == 400
+
+
+def test_studies_export_into_their_own_folders():
+    assert study_exports_dir("exports", "gmm") != study_exports_dir("exports", "gmm-smoke")
+    assert study_exports_dir("/x/exports", "gmm").as_posix() == "/x/exports/gmm"
+
+
+def test_a_better_export_is_kept_and_a_worse_one_replaced_with_a_note(tmp_path):
+    first = save_best_export(_edm_export(metrics={"val_loss": 0.1}), tmp_path, metric="val_loss")
+    assert first.written and first.note == ""
+    worse = save_best_export(_edm_export(metrics={"val_loss": 0.3}, mlflow_run_id="worse"), tmp_path, metric="val_loss")
+    assert not worse.written and worse.path == first.path and "kept" in worse.note and "0.1" in worse.note
+    assert load_schedule(first.path).metrics["val_loss"] == 0.1
+    same = save_best_export(_edm_export(metrics={"val_loss": 0.1}), tmp_path, metric="val_loss")
+    assert not same.written and same.note == ""  # a rerun measuring the same: kept, nothing to report
+    better = save_best_export(_edm_export(metrics={"val_loss": 0.05}), tmp_path, metric="val_loss")
+    assert better.written and "0.1 -> 0.05" in better.note
+    assert load_schedule(first.path).metrics["val_loss"] == 0.05
+
+
+def test_an_export_from_other_teacher_data_or_an_invalid_file_is_replaced(tmp_path):
+    path = save_best_export(_edm_export(metrics={"val_loss": 0.01}), tmp_path, metric="val_loss").path
+    other = save_best_export(_edm_export(metrics={"val_loss": 0.5}, teacher_cache_key="other"), tmp_path, metric="val_loss")
+    assert other.written and "other teacher data" in other.note
+    path.write_text("{broken")
+    again = save_best_export(_edm_export(metrics={"val_loss": 0.9}), tmp_path, metric="val_loss")
+    assert again.written and "not a valid export" in again.note and load_schedule(path).metrics["val_loss"] == 0.9
+
+
+def test_exports_say_whether_the_learned_schedule_won_and_are_group_readable(tmp_path):
+    exported = _edm_export(source="baseline:edm_rho", learned_beats_baseline=False, sigmas_eval=None, mode="edm_rho")
+    path = save_export(exported, tmp_path)
+    document = json.loads(path.read_text())
+    assert document["source"] == "baseline:edm_rho" and document["learned_beats_baseline"] is False
+    loaded = load_schedule(path)
+    assert (loaded.source, loaded.learned_beats_baseline) == ("baseline:edm_rho", False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like open(), not tempfile's 0o600
+    for key in ("source", "learned_beats_baseline"):  # files written before these fields existed still load
+        del document[key]
+    path.write_text(json.dumps(document))
+    assert (load_schedule(path).source, load_schedule(path).learned_beats_baseline) == ("learned", None)
+    with pytest.raises(ValueError, match="source"):
+        _edm_export(source="teacher")

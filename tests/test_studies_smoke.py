@@ -67,7 +67,8 @@ def test_smoke_study_runs_end_to_end(name, local_ray, tmp_path, capsys):
     assert study["main"](argv) == 0, capsys.readouterr().err
 
     config = study["make_config"](study["SCRIPT"].parser().parse_args(argv))
-    (export_file,) = (tmp_path / "exports").glob("*.json")  # one cell: one solver, one NFE
+    (export_file,) = (tmp_path / "exports").glob("*/*.json")  # one cell: one solver, one NFE; one folder per study
+    assert export_file.parent.name == config.name
     exported = load_schedule(export_file)
     assert (exported.model, exported.solver, exported.nfe) == (config.model.model_id, config.solvers[0].name, config.nfes[0])
     assert exported.model.endswith("-smoke") and exported.sigmas.shape == (exported.nfe + 1,)

@@ -20,7 +20,7 @@ from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
 from pipeline.export import load_schedule
 from pipeline.models import LoadedModel, ModelSpec, register_model_builder
-from pipeline.study import StudyConfig, StudyOptions, run_study
+from pipeline.study import SearchSpace, StudyConfig, StudyOptions, format_table, run_study
 from pipeline.teacher_cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
@@ -67,9 +67,13 @@ def test_smoke_study_tracks_exports_and_resumes(local_ray, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(trial.info.run_id)}
     assert {"schedule.json", "schedule.png"} <= artifacts
 
-    # The exported schedule reproduces the logged validation loss of its trial.
+    # The exported schedule is the cell's best (learned or baseline), in the study's own folder, and reproduces
+    # the logged validation loss of its run, which is tagged best=true.
     exported = load_schedule(cell.export_path)
-    assert exported.provenance.mlflow_run_id == cell.best["mlflow_run_id"]
+    assert Path(cell.export_path).parent == Path(opts.exports_dir) / study.name
+    assert exported.provenance.mlflow_run_id == cell.winner_run_id and exported.source == cell.winner
+    assert client.get_run(cell.winner_run_id).data.tags.get("best") == "true"
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {"summary.md", "summary.png", "summary.json"}
     logged = client.get_run(exported.provenance.mlflow_run_id).data.metrics["final_val_loss"]
     data = cache_entry.load()
     _, val = data.split(study.num_train, study.num_validation)
@@ -85,6 +89,34 @@ def test_smoke_study_tracks_exports_and_resumes(local_ray, tmp_path):
     assert again.cells[0].best["final_val_loss"] == pytest.approx(cell.best["final_val_loss"])
     children_after = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert sum(r.data.tags["kind"] == "trial" for r in children_after) == study.num_trials
+
+
+def _trial_runs(result, tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([result.experiment_id], f"tags.kind = 'trial' and tags.mlflow.parentRunId = '{result.parent_run_id}'")
+
+
+def test_stopped_trials_end_killed_not_failed_and_the_seed_reproduces_the_study(local_ray, tmp_path):
+    # Two batches of two concurrent trials: the second batch meets the halving rule at epoch 1 of 2, where a
+    # large reduction factor stops what does not beat the first batch's best.
+    study = smoke_config(num_trials=4, max_concurrent=2, asha_reduction_factor=50)
+    cache = str(tmp_path / "cache")
+    first, second = (run_study(study, options(tmp_path / name, cache_dir=cache)) for name in ("a", "b"))
+    (cell,) = first.cells
+    assert cell.trials["stopped"] >= 1 and cell.trials["finished"] >= 1 and cell.trials["failed"] == 0, cell.trials
+
+    runs = _trial_runs(first, options(tmp_path / "a").tracking_uri)
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == sorted(["KILLED"] * cell.trials["stopped"] + ["FINISHED"] * cell.trials["finished"])
+    for run in runs:
+        assert (run.data.tags.get("stopped_by") == "asha") == (run.info.status == "KILLED"), run.data.tags
+        assert "failure" not in run.data.tags
+
+    # Same seed, same trials, same stops, same numbers (concurrent trials finish in either order).
+    assert format_table(first.cells) == format_table(second.cells)
+    configs = lambda result, path: sorted(  # noqa: E731
+        (r.data.params["lr1"], r.data.params["slack_coef"], r.info.status) for r in _trial_runs(result, path))
+    assert configs(first, options(tmp_path / "a").tracking_uri) == configs(second, options(tmp_path / "b").tracking_uri)
 
 
 def _nan_model(*, device, dtype) -> LoadedModel:
@@ -103,12 +135,35 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray
     study = smoke_config(name="nan-study", model=ModelSpec("nan-gmm-test", "nan-gmm"), num_trials=2)
     result = run_study(study, options(tmp_path))
     (cell,) = result.cells
-    assert cell.trials["failed"] == 2 and cell.best is None and cell.export_path is None
+    assert cell.trials["failed"] == 2 and cell.best is None
+    exported = load_schedule(cell.export_path)  # the best baseline, said to be one
+    assert exported.source == f"baseline:{cell.best_baseline[0]}" and exported.learned_beats_baseline is None
     client = MlflowClient(options(tmp_path).tracking_uri)
     runs = client.search_runs([result.experiment_id], "tags.kind = 'trial'")
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("NaN" in r.data.tags.get("failure", "") for r in runs)
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_learned_schedule_that_loses_is_not_exported_as_the_winner(local_ray, tmp_path):
+    # lr1 ~ 0 keeps ξ at its start, the time-uniform grid, which the smoke GMM's best baseline beats.
+    frozen = SearchSpace(rounds_v1=(1, 1), rounds_v2=(1, 1), lr1=(1e-12, 1e-12), decoupled=(False,), modes=("time",),
+                         inits=("uniform",))
+    base = smoke_config()
+    study = smoke_config(name="frozen", search=frozen, trainer=replace(base.trainer, lr1_floor=1e-12), num_trials=1,
+                         max_concurrent=1)
+    result = run_study(study, options(tmp_path))
+    (cell,) = result.cells
+    assert cell.best is not None and not cell.learned_wins
+    exported = load_schedule(cell.export_path)
+    base_name, base = cell.best_baseline
+    assert (exported.source, exported.learned_beats_baseline) == (f"baseline:{base_name}", False)
+    assert exported.sigmas.tolist() == base["sigmas"] and exported.metrics["final_val_loss"] == base["final_val_loss"]
+    assert exported.metrics["learned_final_val_loss"] == cell.best["final_val_loss"]
+    assert format_table(result.cells).splitlines()[-1].endswith("baseline")
+    client = MlflowClient(options(tmp_path).tracking_uri)
+    parent = client.get_run(result.parent_run_id).data.tags
+    assert parent[f"{cell.solver.label}_nfe4_exported"] == f"baseline:{base_name}"
 
 
 def test_unknown_model_family_is_a_clear_error():

@@ -42,3 +42,28 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     assert err.startswith("error:") and "\n" not in err and message in err, err
     assert not ray.is_initialized()
     assert not any(work.iterdir())  # no folder (cache, exports, tune) and no mlflow.db: nothing is written
+
+
+def test_a_solver_without_order_gets_its_highest_order():
+    from ld3.solvers import SOLVER_SPECS
+    from pipeline.cli import parse_solvers
+
+    choices = parse_solvers("ipndm,unipc_bh1:2")
+    assert [(c.name, c.order) for c in choices] == [("ipndm", max(SOLVER_SPECS["ipndm"].orders)), ("unipc_bh1", 2)]
+    with pytest.raises(ValueError, match="unknown solver 'nosuch'"):
+        parse_solvers("nosuch")
+
+
+def test_ld3_study_command_runs_a_study_script_by_name(capsys):
+    from pipeline.cli import study_command, study_names
+
+    assert {"gmm", "cifar10", "sd15"} <= set(study_names())
+    with pytest.raises(SystemExit) as exit_info:  # argparse's --help exits
+        sys.exit(study_command(["gmm", "--help"]))
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ld3-study gmm")
+    # The recipe's real defaults, each said once.
+    assert "(default: 8)" in out and "(default: 4,6,8)" in out and "(default: unipc_bh1:3,ipndm:4,dpmpp:2)" in out
+    assert "default: None" not in out and out.count("(default:") == out.count("default:")
+    assert study_command(["nosuch"]) == 2 and "unknown study 'nosuch'" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from pipeline.tracking import (
     TrackingError,
     TrialLogger,
     flatten_params,
+    plot_learned_vs_baseline,
     plot_schedule,
     resolve_tracking_uri,
 )
@@ -85,7 +86,9 @@ def test_study_parent_and_nested_runs(tracking_dir, client, tmp_path):
     children = {run.data.tags["kind"]: run for run in study.child_runs()}
     assert set(children) == {"trial", "baseline"}
     trial_run = client.get_run(trial.run_id)
-    assert trial_run.info.run_name == "gmm/ipndm-o4/nfe6/trial-t0001"
+    assert trial_run.info.run_name == "ipndm-o4 nfe6 t0001 trial"
+    experiment = client.get_experiment(study.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     assert trial_run.info.status == "FINISHED"
     assert trial_run.data.tags["mlflow.parentRunId"] == study.run_id
     assert {k: trial_run.data.tags[k] for k in ("model", "solver", "order", "nfe", "teacher_cache_key")} == {
@@ -212,3 +215,11 @@ def test_plot_schedule_labels_every_curve():
     labels = [text.get_text() for text in axes.get_legend().get_texts()]
     assert labels == ["baseline: time_uniform", "learned σ (solver steps)", "learned σ_eval (denoiser calls)"]
     assert axes.get_yscale() == "log" and axes.get_xlabel() == "step index i"
+
+
+def test_summary_plot_has_a_panel_per_solver_and_skips_missing_learned_points():
+    figure = plot_learned_vs_baseline({"ipndm-o4": {4: (0.02, 0.01), 6: (0.01, None)}, "dpmpp-o2": {4: (0.03, 0.02)}})
+    assert [axes.get_title() for axes in figure.axes] == ["ipndm-o4", "dpmpp-o2"]
+    baseline, learned = figure.axes[0].get_lines()
+    assert list(baseline.get_xdata()) == [4, 6] and list(learned.get_xdata()) == [4]  # no trial finished at NFE 6
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["best baseline", "learned (LD3)"]
