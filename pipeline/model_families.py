@@ -1,4 +1,4 @@
-"""The paper's model families as pipeline builders (SPEC.md, "Models the paper covers").
+"""The paper's model families as pipeline builders (docs/design.md, the denoiser convention).
 
 Registered families (``ModelSpec.family``), each a builder ``builder(*, device, dtype, **kwargs)``:
 

@@ -1,6 +1,6 @@
 """What the per-model study scripts (``studies/cifar10.py`` ... ``studies/sd15.py``) share.
 
-- The paper's recipes (SPEC.md): :func:`pixel_study` (EDM pickles: UniPC bh1-3 and iPNDM-4, NFE 4/6/8/10,
+- The paper's recipes (docs/method.md): :func:`pixel_study` (EDM pickles: UniPC bh1-3 and iPNDM-4, NFE 4/6/8/10,
   teacher UniPC-3 NFE 20 on EDM rho=7, train batch 2, rounds 2+5, lr2 = 0.1/N) and :func:`latent_study`
   (latent models: UniPC bh2-3 and iPNDM-4, NFE 4/5/6/7, train batch 1, rounds 2+3, lr2 = 0.001/N); both
   50 + 50 teacher samples (25 + 25 prompts for text models) and the LPIPS loss.
@@ -44,7 +44,7 @@ DIFFUSERS_FAMILIES = ("diffusers_pixel", "diffusers_latent", "stable_diffusion")
 # The paper's recipes
 # ---------------------------------------------------------------------------------------------
 def pixel_study(name: str, model: ModelSpec) -> StudyConfig:
-    """The paper's recipe for pixel-space models (SPEC.md, "Algorithm", "Solvers", "Published results")."""
+    """The paper's recipe for pixel-space models (docs/method.md)."""
     return StudyConfig(
         name=name,
         model=model,

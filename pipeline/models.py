@@ -3,7 +3,7 @@
 A :class:`ModelSpec` names a model *family* (a key of :data:`MODEL_BUILDERS`), a human-readable id,
 the JSON-serialisable keyword arguments of the family's builder and the digest of its weights. It is
 what the teacher cache hashes (the model never has to be built to look data up) and what Ray actors
-receive: each actor calls the builder once in its constructor (DESIGN.md, "Runtime story").
+receive: each actor calls the builder once in its constructor (docs/design.md).
 
 A builder is ``builder(*, device, dtype, **kwargs) -> LoadedModel``. Families register themselves
 with :func:`register_model_builder`; the embedded Gaussian mixture is registered here as ``"gmm"``.
@@ -41,7 +41,7 @@ def class_labels(values: Sequence[ConditionValue], device: torch.device | str) -
 class LoadedModel:
     """A built model, everything the teacher solve needs (runtime object, never hashed or stored)."""
 
-    denoiser: Denoiser  # D(x, sigma, cond) -> x0_hat, EDM form (SPEC.md, "Conventions")
+    denoiser: Denoiser  # D(x, sigma, cond) -> x0_hat, EDM form (docs/method.md, EDM form)
     schedule: NoiseSchedule  # gives sigma_min / sigma_max of the teacher grid
     shape: tuple[int, ...]  # shape of one latent x, e.g. (C, H, W)
     decode: Callable[[Tensor], Tensor] | None = None  # latent -> data for latent models, else None

@@ -95,10 +95,10 @@ class SolverChoice:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What Optuna searches (SPEC.md, "Hyperparameters a study searches"); ranges are inclusive."""
+    """What Optuna searches (docs/design.md, the search space); ranges are inclusive."""
 
-    slack_coef: tuple[float, float] = (1e-4, 1e-2)  # r = coef·C·H·W/N², log scale around SPEC's 1e-3
-    lr1: tuple[float, float] = (1e-3, 3e-2)  # RMSprop on ξ, log scale (SPEC: 5e-3)
+    slack_coef: tuple[float, float] = (1e-4, 1e-2)  # r = coef·C·H·W/N², log scale around the recipe's 1e-3
+    lr1: tuple[float, float] = (1e-3, 3e-2)  # RMSprop on ξ, log scale (recipe: 5e-3)
     decoupled: tuple[bool, ...] = (True, False)
     lr2_coef: tuple[float, float] = (1e-2, 1.0)  # lr2 = coef/N, log scale, only with decoupling (pixel: 0.1)
     win_rate: tuple[float, float] = (0.1, 0.5)  # only with decoupling
@@ -106,7 +106,7 @@ class SearchSpace:
     rounds_v2: tuple[int, int] = (2, 6)
     modes: tuple[str, ...] = ("lambda", "time")
     train_batch_sizes: tuple[int, ...] = (1, 2, 4)
-    # Start of ξ: "uniform" (SPEC: ξ = 1, uniform in the mode's space) or the cell's best baseline grid.
+    # Start of ξ: "uniform" (ξ = 1, uniform in the mode's space) or the cell's best baseline grid.
     inits: tuple[str, ...] = ("uniform", "best_baseline")
 
     def __post_init__(self) -> None:
@@ -146,7 +146,7 @@ def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, n_step
                               best_baseline: str | None = None) -> LD3Config:
     """A trial's sampled hyperparameters -> the trainer's config (Tune's dict becomes a dataclass here).
 
-    ``init="best_baseline"`` starts ξ at ``best_baseline`` (SPEC.md: optional prior initialisation)."""
+    ``init="best_baseline"`` starts ξ at ``best_baseline`` (docs/method.md: initialisation from a prior grid)."""
     decoupled = bool(params["decoupled"])
     init = params.get("init", "uniform")
     if init == "best_baseline" and best_baseline is None:

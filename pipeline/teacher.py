@@ -1,4 +1,4 @@
-"""The teacher solve (SPEC.md, "Objective"): pairs ``(z, y)`` with ``y = decode(Solver(sigma_max z))``.
+"""The teacher solve (docs/method.md, "Objective"): pairs ``(z, y)`` with ``y = decode(Solver(sigma_max z))``.
 
 :class:`TeacherConfig` says what the teacher computes and how the work is spread over Ray actors;
 :func:`solve_teacher` is the one in-process implementation of the solve, used by every Ray actor of

@@ -1,4 +1,4 @@
-"""MLflow tracking for LD3 studies (DESIGN.md: one study = one parent run, one trial = one nested run).
+"""MLflow tracking for LD3 studies (docs/design.md: one study = one parent run, one trial = one nested run).
 
 Driver side: ``StudyTracker.open(study, ...)`` resolves and checks the tracking URI, gets the study's
 experiment and finds (resume) or creates its parent run. Trial side: ``TrialLogger.start(context, ...)``
