@@ -7,7 +7,8 @@ never read. Files are verified against the manifest on load; a mismatch raises
 :class:`CacheCorruptError` naming the file.
 
 Concurrency: on a local filesystem (also ``file://`` URIs, and NFS with working POSIX locks) writers
-of one key serialise on an OS file lock ``<root>/<key>.lock``, so two requests never generate twice.
+of one key serialise on an OS file lock ``<root>/<key>.lock`` (deleted by its holder on release), so two
+requests never generate twice.
 Object stores (s3://, gs://) offer no create-if-absent through pyarrow, so there is no lock there:
 two concurrent writers may both compute, each into its own attempt folder, and each checks for a
 published manifest just before publishing its own; readers therefore always see one complete
@@ -24,10 +25,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import filelock
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+
+from pipeline.fileio import exclusive_lock
 
 MANIFEST_NAME = "manifest.json"
 _REMEDY = "delete the dataset folder <root>/<key>/ (TeacherCache.delete(key)) to regenerate it"
@@ -152,5 +154,5 @@ def exclusive(filesystem: pafs.FileSystem, lock_path: str, timeout: float | None
         yield False
         return
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with filelock.FileLock(lock_path, timeout=-1 if timeout is None else timeout):
+    with exclusive_lock(lock_path, timeout):
         yield True
