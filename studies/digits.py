@@ -7,7 +7,7 @@
 
 The model (ld3.digits: an EDM-preconditioned UNet trained by ``python -m ld3.digits.train``, shipped as
 sha256-checked safetensors) is a real trained network, so its teacher is a real ODE solve with a real
-network's errors. Beside the validation loss the study reports, for 2,000 fresh samples of every
+network's errors. Beside the validation loss the study reports, for 1,000 fresh samples of every
 schedule, the classifier Fréchet distance (``fd_classifier``: an FID analogue in a digit classifier's
 feature space, not FID) and the classifier's accuracy on the asked classes (``class_accuracy``); the
 evaluation stage then scores every learned and baseline schedule again on 2,000 other samples and logs a
@@ -42,7 +42,7 @@ STUDY = StudyConfig(
     num_trials=6,
     max_concurrent=2,
     asha_grace_epochs=2.0,  # phase 1 (two rounds) before ASHA may stop a trial
-    fd_samples=2000,
+    fd_samples=1000,  # per trial and baseline run: classifier FD and accuracy of 1,000 fresh samples
     # last stage: 2,000 more samples per schedule (other seeds), classifier FD and accuracy, a 10×10 sample grid
     evaluation=EvaluationConfig(num_samples=2000, grid_size=10, batch_size=1000, device_batch_size=500),
     seed=SEED,
