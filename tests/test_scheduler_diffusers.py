@@ -27,6 +27,7 @@ from ld3.models.gmm import default_gmm
 from ld3.models.stable_diffusion import load_stable_diffusion
 from ld3.sampling import sample
 from ld3.schedules import EDMSchedule
+from ld3.solvers import nfe as solver_nfe
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
 from pipeline.export import build_export, save_export
 from pipeline.smoke_models import (
@@ -58,7 +59,8 @@ def _grid(schedule, decoupled: bool) -> tuple[torch.Tensor, torch.Tensor | None]
 def _export(tmp_path, schedule, solver: str, order: int, decoupled: bool):
     sigmas, sigmas_eval = _grid(schedule, decoupled)
     exported = build_export(sigmas=sigmas, sigmas_eval=sigmas_eval, noise_schedule=schedule, model="tiny", solver=solver,
-                            order=order, nfe=N_STEPS, mode="lambda", metrics={}, config={}, teacher_cache_key="test")
+                            order=order, nfe=solver_nfe(solver, N_STEPS), mode="lambda", metrics={}, config={},
+                            teacher_cache_key="test")
     return save_export(exported, tmp_path), sigmas, sigmas_eval
 
 
