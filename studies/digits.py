@@ -39,6 +39,9 @@ STUDY = StudyConfig(
     num_train=50,
     num_validation=50,
     trainer=LD3Config(loss="l2"),
+    # the default ranges, with at most 6 rounds and batches of 2 or 4 samples: every trial stays under a minute
+    # on one CPU core (the UNet is the cost)
+    search=SearchSpace(rounds_v1=(1, 2), rounds_v2=(2, 4), train_batch_sizes=(2, 4)),
     num_trials=6,
     max_concurrent=2,
     asha_grace_epochs=2.0,  # phase 1 (two rounds) before ASHA may stop a trial
