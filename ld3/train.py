@@ -80,7 +80,7 @@ class LD3Config:
     decoupled: bool = True  # learn a separate set of denoiser evaluation points σ_eval
     win_rate: float = 0.5  # window of σ_eval around σ, fraction of the smallest gap
     learn_coefficients: bool = False  # phase 2 also learns corrections to the solver's multistep weights
-    lr_coef: float = 0.01  # Adam on the coefficient corrections
+    lr_coef: float = 0.3  # Adam on the coefficient corrections (bench/gmm_coefficients.py)
     coef_clip: float = 0.1  # max gradient norm of the coefficient corrections
     init_prior: str | tuple[float, ...] | None = None  # ld3.baselines name (incl. gits, dmn, ays_sd15) or σ grid to fit ξ to first
     loss: str = "l2"  # "l2" | "l1" | "lpips" (ld3.losses), unless train_ld3 gets loss_fn=

@@ -10,7 +10,9 @@ A file holds (schema version 1):
   ``schedule.t_from_sigma``), ``metrics`` and ``provenance`` (MLflow run id, study, teacher cache key,
   config, code version, creation time in UTC), and ``consumers`` (derived from the grid, checked on load,
   optional: what k-diffusion-style samplers, ComfyUI and diffusers schedulers take, see
-  ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
+  ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use); optional ``coefficients``
+  ([N, slots] learned corrections of the solver's weights, docs/method.md#learned-coefficients; absent when
+  none were learned; only ``ld3.sampling.sample`` and the ``LD3Scheduler`` can honour them).
 
 ``load_schedule(path)`` validates a file (schema and keys; a known solver, its order and the NFE it spends
 on the grid; a known noise schedule and native times that fit the σ; σ within ``SIGMA_RANGE``; one-line
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ld3.schedules import EDMSchedule, NoiseSchedule, VPCosineSchedule, VPDiscreteSchedule, VPLinearSchedule
+from ld3.solvers import coefficient_shape
 from ld3.solvers import nfe as solver_nfe
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
 from pipeline.provenance import code_version, jsonable
@@ -52,6 +55,7 @@ _CONTINUOUS_TIME = (VPLinearSchedule.name, VPCosineSchedule.name)  # native time
 INTERPOLATED_MODE = "interpolated"  # mode of a schedule resized by interpolated_export (not learned)
 # Who can evaluate the denoiser at sigmas_eval (decoupled schedules); every other consumer takes the step grid only.
 HONOURS_SIGMAS_EVAL = ("ld3.sampling.sample", "pipeline.consumers.diffusers_scheduler.LD3Scheduler")
+HONOURS_COEFFICIENTS = HONOURS_SIGMAS_EVAL  # who can run the solver with learned coefficient corrections
 K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS = "k-diffusion samplers", "ComfyUI custom sigmas", "diffusers' built-in schedulers"
 STEP_GRID_CONSUMERS = (K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS)  # they evaluate at their step points
 # Nearest ComfyUI / k-diffusion-style sampler of each (solver, order): same method, warm-up details may differ.
@@ -106,6 +110,7 @@ class ExportedSchedule:
     provenance: Provenance
     sigmas_eval: Tensor | None = None
     timesteps_eval: Tensor | None = None
+    coefficients: Tensor | None = None  # learned corrections [N, slots] (ld3.solvers.coefficient_shape)
 
     def __post_init__(self) -> None:
         for name in ("model", "solver", "noise_schedule", "mode"):
@@ -135,6 +140,8 @@ class ExportedSchedule:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                      f"metrics[{key!r}]", f"must be a finite number, got {value!r}")
         _require(isinstance(self.provenance, Provenance), "provenance", "must be a Provenance")
+        if self.coefficients is not None:
+            _check_coefficients(self.coefficients, self.solver, self.order, n_points - 1)
 
     @property
     def n_steps(self) -> int:
@@ -161,6 +168,7 @@ class ExportedSchedule:
             "metrics": dict(self.metrics),
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_KEYS},
             "consumers": self.consumer_formats(),
+            **({} if self.coefficients is None else {"coefficients": self.coefficients.tolist()}),
         }
 
     def to_json(self) -> str:
@@ -172,6 +180,7 @@ class ExportedSchedule:
         _require(isinstance(document, dict), "document", "must be a JSON object")
         document = dict(document)
         consumers = document.pop("consumers", None)  # optional, derived from the grid (consumer_formats)
+        coefficients = document.pop("coefficients", None)  # optional: learned solver coefficients
         version = document.get("schema_version")
         _require(version == SCHEMA_VERSION, "schema_version",
                  f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
@@ -186,6 +195,7 @@ class ExportedSchedule:
             timesteps_eval=None if document["timesteps_eval"] is None else _tensor(document["timesteps_eval"], "timesteps_eval"),
             metrics=document["metrics"],
             provenance=Provenance(**document["provenance"]),
+            coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
         )
         _require(document["n_steps"] == exported.n_steps, "n_steps",
                  f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
@@ -260,7 +270,13 @@ class ExportedSchedule:
 
     def check_step_grid_consumer(self, consumer: str, ignore_decoupled: bool) -> None:
         """Refuse to hand a decoupled schedule to ``consumer`` (one that evaluates at its step points) unless the
-        caller chose to drop the decoupling (``ignore_decoupled=True``)."""
+        caller chose to drop the decoupling (``ignore_decoupled=True``); refuse learned coefficients always."""
+        if self.coefficients is not None:
+            raise ValueError(
+                f"this schedule carries learned solver coefficients, which {consumer} cannot apply; "
+                f"run it with {' or '.join(HONOURS_COEFFICIENTS)}, "
+                "or export a schedule trained without learn_coefficients"
+            )
         if self.decoupled and not ignore_decoupled:
             raise ValueError(
                 f"this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and {consumer} "
@@ -273,8 +289,13 @@ class ExportedSchedule:
         """What other samplers take, as stored in the file's ``consumers`` block (derived from the grid).
 
         For a decoupled schedule the lists are the step grid alone (``step_grid_only``: they lose the
-        decoupling); ``honours_sigmas_eval`` names the consumers that keep it.
+        decoupling); ``honours_sigmas_eval`` names the consumers that keep it. With learned coefficients no
+        step-grid consumer can reproduce the solver, so the lists are null.
         """
+        if self.coefficients is not None:
+            lists = dict.fromkeys(("k_diffusion_sigmas", "comfyui_sigmas", "diffusers_sigmas", "diffusers_timesteps"))
+            return {"solver": self.solver, "order": self.order, "comfyui_sampler": None,
+                    "step_grid_only": self.decoupled, "honours_sigmas_eval": list(HONOURS_SIGMAS_EVAL), **lists}
         try:
             timesteps = self.diffusers_timesteps(ignore_decoupled=True)
         except ValueError:  # no training-step time (EDM/VE), or two steps round to the same integer
@@ -310,9 +331,10 @@ def build_export(
     sigmas_eval: Tensor | None = None,
     mlflow_run_id: str | None = None,
     study: str | None = None,
+    coefficients: Tensor | None = None,
 ) -> ExportedSchedule:
-    """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``), with native timesteps from
-    ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
+    """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``, learned solver ``coefficients``), with
+    native timesteps from ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
     sigmas = _tensor(sigmas, "sigmas")
     noise_schedule.check_sigmas(sigmas, "sigmas")
     evals = None if sigmas_eval is None else _tensor(sigmas_eval, "sigmas_eval")
@@ -325,6 +347,7 @@ def build_export(
         metrics={str(k): float(v) for k, v in metrics.items()},
         provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
                               mlflow_run_id=mlflow_run_id, study=study),
+        coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
     )
 
 
@@ -431,6 +454,17 @@ def _slug(text: str) -> str:
     if not slug:
         raise ValueError(f"name {text!r} has no letters or digits to build a file name from")
     return slug
+
+
+def _check_coefficients(values: Tensor, solver: str, order: int, n_steps: int) -> None:
+    """Learned coefficient corrections: the solver takes them, and they are finite of shape [N, slots]."""
+    try:
+        shape = coefficient_shape(solver, n_steps, order)
+    except ValueError as err:
+        raise ValueError(f"coefficients {err}") from None
+    _require(tuple(values.shape) == shape, "coefficients",
+             f"must have shape {list(shape)} for {solver} order {order} on {n_steps} steps, got {list(values.shape)}")
+    _require(bool(torch.isfinite(values).all()), "coefficients", "must be finite numbers")
 
 
 def _require(condition: bool, name: str, problem: str) -> None:

@@ -181,3 +181,58 @@ def test_config_rejects_bad_coefficient_hyperparameters():
                          ({"learn_coefficients": True, "cuda_graphs": True}, "cuda_graphs")):
         with pytest.raises(ValueError, match=f"LD3Config.{name}"):
             LD3Config(**fields)
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+def _export(coefficients=None, solver="ipndm", order=3):
+    from pipeline.export import build_export
+
+    return build_export(sigmas=edm_rho(4, SCHEDULE), noise_schedule=SCHEDULE, model="gmm", solver=solver, order=order,
+                        nfe=4, mode="lambda", metrics={}, config={}, teacher_cache_key="test",
+                        coefficients=coefficients)
+
+
+def test_export_with_coefficients_round_trips_and_samples_through_ld3(tmp_path, gmm):
+    from pipeline.export import load_schedule, save_export
+
+    coefficients = random_corrections("ipndm", 4, 3)
+    loaded = load_schedule(save_export(_export(coefficients), tmp_path))
+    assert torch.equal(loaded.coefficients, coefficients)
+    z = latents_from_seeds(range(4), gmm.shape, torch.float64)
+    expected = sample(gmm, "ipndm", 3, edm_rho(4, SCHEDULE), z, coefficients=coefficients)
+    assert torch.equal(sample(gmm, loaded.solver, loaded.order, loaded.sigmas, z, coefficients=loaded.coefficients),
+                       expected)
+
+
+def test_export_without_coefficients_has_no_such_field(tmp_path):
+    from pipeline.export import load_schedule, save_export
+
+    path = save_export(_export(), tmp_path)
+    assert "coefficients" not in path.read_text() and load_schedule(path).coefficients is None
+
+
+def test_step_grid_consumers_refuse_coefficients_in_one_line():
+    exported = _export(random_corrections("ipndm", 4, 3))
+    for consumer in (exported.k_diffusion_sigmas, exported.comfyui_sigmas, exported.diffusers_sigmas):
+        with pytest.raises(ValueError, match="carries learned solver coefficients") as err:
+            consumer(ignore_decoupled=True)
+        assert "\n" not in str(err.value)
+    assert exported.consumer_formats()["k_diffusion_sigmas"] is None
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda doc: doc.update(coefficients=[[0.0] * 3] * 3), r"coefficients must have shape \[4, 3\]"),
+    (lambda doc: doc.update(coefficients=[[0.0] * 3] * 4, solver="heun", order=2, nfe=8), "has no learnable"),
+])
+def test_bad_coefficients_in_a_file_are_rejected_on_load(tmp_path, edit, match):
+    import json
+
+    from pipeline.export import load_schedule
+
+    document = _export(random_corrections("ipndm", 4, 3)).to_dict()
+    document.pop("consumers")
+    edit(document)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=match):
+        load_schedule(path)
