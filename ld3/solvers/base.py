@@ -172,9 +172,10 @@ def zero_sum_corrections(raw: Tensor, counts: Sequence[int]) -> Tensor:
     Each step's corrections sum to zero over the ``counts[i]`` weights it uses, so a corrected step keeps the
     sum of its weights (first-order consistency); a step with one weight has no freedom (delta = 0).
     """
-    active = torch.arange(raw.shape[1], device=raw.device) < torch.tensor(counts, device=raw.device)[:, None]
+    sizes = torch.tensor(counts, dtype=raw.dtype).to(raw.device)[:, None]  # one host-to-device copy
+    active = torch.arange(raw.shape[1], device=raw.device) < sizes
     used = torch.where(active, raw, torch.zeros_like(raw))
-    mean = used.sum(dim=1, keepdim=True) / torch.tensor(counts, device=raw.device, dtype=raw.dtype)[:, None]
+    mean = used.sum(dim=1, keepdim=True) / sizes
     return torch.where(active, raw - mean, torch.zeros_like(raw))
 
 
