@@ -38,8 +38,9 @@ from bench.train_cpu import teacher_pairs  # the CPU benches' one teacher: UniPC
 from ld3.discretizations import BASELINES, LearnableDiscretization
 from ld3.metrics import gmm_frechet_distance
 from ld3.models.gmm import default_gmm
+from ld3.sampling import solve_from_latents
 from ld3.schedules import EDMSchedule
-from ld3.solvers import get_solver, solver_steps_for_nfe
+from ld3.solvers import solver_steps_for_nfe
 from ld3.train import LD3Config, TeacherData, train_ld3
 from ld3.utils import atomic_write_bytes, latents_from_seeds
 
@@ -52,16 +53,18 @@ DIRECT_FIT_LRS = (0.0, 0.01, 0.05, 0.1)  # Adam learning rates of ξᶜ (ξ: 0.0
 RESTART_LRS = (0.02, 0.05)  # ξᶜ learning rates of the random restarts, alternating
 
 
-def per_sample_rmse(gmm, solver: str, data: TeacherData, sigmas, sigmas_eval=None) -> torch.Tensor:
-    out = get_solver(solver)(gmm, SCHEDULE.sigma_max * data.z, sigmas, sigmas_eval, order=ORDER)
+def per_sample_rmse(gmm, solver: str, data: TeacherData, sigmas, sigmas_eval=None, coefficients=None) -> torch.Tensor:
+    out = solve_from_latents(gmm, solver, ORDER, sigmas, data.z, sigmas_eval=sigmas_eval, coefficients=coefficients)
     return (out - data.y).pow(2).flatten(1).mean(1).sqrt()
 
 
 @torch.no_grad()
-def scores(gmm, solver: str, data: dict, sigmas, sigmas_eval=None) -> dict:
-    val = per_sample_rmse(gmm, solver, data["val"], sigmas, sigmas_eval)
-    test = per_sample_rmse(gmm, solver, data["test"], sigmas, sigmas_eval)
-    samples = get_solver(solver)(gmm, SCHEDULE.sigma_max * data["fd_latents"], sigmas, sigmas_eval, order=ORDER)
+def scores(gmm, solver: str, data: dict, sigmas, sigmas_eval=None, coefficients=None) -> dict:
+    """Pooled RMSE on the validation and held-out pairs, held-out median, exact FD of fresh samples."""
+    val = per_sample_rmse(gmm, solver, data["val"], sigmas, sigmas_eval, coefficients)
+    test = per_sample_rmse(gmm, solver, data["test"], sigmas, sigmas_eval, coefficients)
+    samples = solve_from_latents(gmm, solver, ORDER, sigmas, data["fd_latents"], sigmas_eval=sigmas_eval,
+                                 coefficients=coefficients)
     return {"val": float(val.pow(2).mean().sqrt()), "test": float(test.pow(2).mean().sqrt()),
             "test_median": float(test.median()), "fd": gmm_frechet_distance(samples, gmm)}
 

@@ -27,17 +27,20 @@ def solve_from_latents(
     sigmas_eval: Tensor | None = None,
     cond: Any = None,
     decode: Callable[[Tensor], Tensor] | None = None,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """Start at ``x_T = sigmas[0] · z`` and solve down to ``sigmas[-1]``; decode latent models' outputs.
 
-    Differentiable in ``z``, ``sigmas`` and ``sigmas_eval`` (the caller decides ``no_grad``); the grid is
-    cast to ``z``'s dtype and device.
+    Differentiable in ``z``, ``sigmas``, ``sigmas_eval`` and ``coefficients`` (the caller decides ``no_grad``);
+    the grid is cast to ``z``'s dtype and device. ``coefficients``: learned corrections of a multistep
+    solver's weights (docs/method.md#learned-coefficients), passed to the solver only when given.
     """
     solve = get_solver(solver) if isinstance(solver, str) else solver
     sigmas = sigmas.to(device=z.device, dtype=z.dtype)
     if sigmas_eval is not None:
         sigmas_eval = sigmas_eval.to(device=z.device, dtype=z.dtype)
-    x = solve(denoiser, sigmas[0] * z, sigmas, sigmas_eval, order=order, cond=cond)
+    extra = {} if coefficients is None else {"coefficients": coefficients}
+    x = solve(denoiser, sigmas[0] * z, sigmas, sigmas_eval, order=order, cond=cond, **extra)
     return x if decode is None else decode(x)
 
 
@@ -48,14 +51,14 @@ def _rows(cond: Any, index: slice) -> Any:
 
 def _solve_in_batches(denoiser: Denoiser, solver: str | Solver, order: int, sigmas: Tensor, z: Tensor,
                       sigmas_eval: Tensor | None, cond: Any, decode: Callable[[Tensor], Tensor] | None,
-                      batch_size: int) -> Iterator[tuple[slice, Tensor]]:
+                      batch_size: int, coefficients: Tensor | None) -> Iterator[tuple[slice, Tensor]]:
     """(rows, decoded outputs) of :func:`solve_from_latents`, ``batch_size`` latents at a time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i in range(0, z.shape[0], batch_size):
         rows = slice(i, i + batch_size)
         yield rows, solve_from_latents(denoiser, solver, order, sigmas, z[rows], sigmas_eval=sigmas_eval,
-                                       cond=_rows(cond, rows), decode=decode)
+                                       cond=_rows(cond, rows), decode=decode, coefficients=coefficients)
 
 
 @torch.no_grad()
@@ -70,9 +73,10 @@ def sample(
     cond: Any = None,
     decode: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """:func:`solve_from_latents` without gradients, ``batch_size`` latents at a time."""
-    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size)
+    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size, coefficients)
     return torch.cat([outputs for _, outputs in batches])
 
 
@@ -90,11 +94,12 @@ def sample_losses(
     cond: Any = None,
     decode: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """Per-sample losses ``d(ŷ, y)`` [M] of a schedule on teacher pairs (z, y), left on the device (no host sync)."""
     if z.shape[0] != y.shape[0]:
         raise ValueError(f"z and y must hold the same number of samples, got {z.shape[0]} and {y.shape[0]}")
-    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size)
+    batches = _solve_in_batches(denoiser, solver, order, sigmas, z, sigmas_eval, cond, decode, batch_size, coefficients)
     return torch.cat([loss_fn(outputs, y[rows]) for rows, outputs in batches])
 
 

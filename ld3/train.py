@@ -9,7 +9,8 @@ student runs ``ŷ = decode(solver(D, σ_max·z', σ, σ_eval))`` from a slack la
    ``z'`` only where the per-sample loss went down (accept-if-better), then run a validation check;
 2. one pass over the validation set updates only the validation latents the same way (no ξ step).
 
-Phase 1 (``rounds_v1`` rounds) trains ξ alone, phase 2 (``rounds_v2``) ξ and ξᶜ. A validation check
+Phase 1 (``rounds_v1`` rounds) trains ξ alone, phase 2 (``rounds_v2``) ξ and ξᶜ, and with
+``learn_coefficients`` also the solver's coefficient corrections (Adam, ``lr_coef``). A validation check
 evaluates the current schedule on the (slack) validation latents, keeps the best (ξ, ξᶜ), and after
 ``patience`` non-improving checks reloads the best; the first time this happens the checks switch
 from the first validation batch to the whole validation set (no decay), every later time the
@@ -38,7 +39,7 @@ from ld3.discretizations import LearnableDiscretization
 from ld3.losses import LOSS_NAMES, LossFn, get_loss
 from ld3.sampling import sample_losses, solve_from_latents
 from ld3.schedules import NoiseSchedule
-from ld3.solvers import get_solver, solver_steps_for_nfe
+from ld3.solvers import coefficient_shape, get_solver, solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
 
 Denoiser = Callable[..., Tensor]
@@ -78,6 +79,9 @@ class LD3Config:
     mode: str = "lambda"  # "lambda" (half log-SNR) or "time" (native time) parametrisation
     decoupled: bool = True  # learn a separate set of denoiser evaluation points σ_eval
     win_rate: float = 0.5  # window of σ_eval around σ, fraction of the smallest gap
+    learn_coefficients: bool = False  # phase 2 also learns corrections to the solver's multistep weights
+    lr_coef: float = 0.3  # Adam on the coefficient corrections (bench/gmm_coefficients.py)
+    coef_clip: float = 0.1  # max gradient norm of the coefficient corrections
     init_prior: str | tuple[float, ...] | None = None  # ld3.baselines name (incl. gits, dmn, ays_sd15) or σ grid to fit ξ to first
     loss: str = "l2"  # "l2" | "l1" | "lpips" (ld3.losses), unless train_ld3 gets loss_fn=
     grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
@@ -113,6 +117,11 @@ class LD3Config:
             ("lr2_floor_hits", self.lr2_floor_hits >= 1, "an integer >= 1"),
             ("mode", self.mode in ("lambda", "time"), "'lambda' or 'time'"),
             ("win_rate", 0 <= self.win_rate <= 0.5, "in [0, 0.5] (evaluation points must not cross)"),
+            ("learn_coefficients", isinstance(self.learn_coefficients, bool), "True or False"),
+            ("lr_coef", self.lr_coef > 0, "> 0"),
+            ("coef_clip", self.coef_clip > 0, "> 0"),
+            ("cuda_graphs", not (self.cuda_graphs and self.learn_coefficients),
+             "False with learn_coefficients=True (graphed solves do not take coefficients)"),
             ("loss", self.loss in LOSS_NAMES, f"one of {list(LOSS_NAMES)}"),
         ]
         for name, ok, expected in checks:
@@ -192,6 +201,7 @@ class BestSchedule:
     val_loss: float
     sigmas: Tensor  # float64 CPU
     sigmas_eval: Tensor
+    coefficients: Tensor | None = None  # learned coefficient corrections [N, slots], float64 CPU
 
 
 class Callback:
@@ -240,6 +250,7 @@ class LD3Result:
     wall_time_s: float  # training rounds, without the final evaluation
     hyperparameters: DerivedHyperparameters
     history: tuple[StepMetrics, ...] = field(repr=False)
+    coefficients: Tensor | None = None  # best coefficient corrections [N, slots] (learn_coefficients), float64 CPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +308,15 @@ def _resolve_steps(solver: str | Solver, order: int, n_steps: int | None, nfe_bu
     return n_steps, solver_nfe(solver, n_steps, order) if isinstance(solver, str) else None
 
 
+def _coefficient_shape(solver: str | Solver, order: int, n_steps: int, config: LD3Config) -> tuple[int, int] | None:
+    """Shape of the learned coefficient corrections, or None when ``learn_coefficients`` is off."""
+    if not config.learn_coefficients:
+        return None
+    if not isinstance(solver, str):
+        raise ValueError("learn_coefficients=True needs the solver by name (ld3.solvers.SOLVERS), not a function")
+    return coefficient_shape(solver, n_steps, order)
+
+
 def _prepare_denoiser(denoiser: Denoiser, config: LD3Config) -> Denoiser:
     """Optionally compile the denoiser and checkpoint each call (activations of one call at a time)."""
     fn = torch.compile(denoiser) if config.compile else denoiser
@@ -337,7 +357,8 @@ class _FunctionCallback(Callback):
 class _Run:
     """State of one LD3 training run; ``train_ld3`` is the public entry point."""
 
-    def __init__(self, denoiser, solver, order, schedule, train, val, config, derived, decode, loss_fn, callbacks, n_steps):
+    def __init__(self, denoiser, solver, order, schedule, train, val, config, derived, decode, loss_fn, callbacks, n_steps,
+                 coef_shape=None):
         self.denoiser, self.solver, self.order = denoiser, solver, order
         self.train, self.val, self.config, self.hp = train, val, config, derived
         self.decode, self.loss_fn, self.callbacks = decode, loss_fn, callbacks
@@ -348,6 +369,10 @@ class _Run:
         self._init_from_prior(schedule, n_steps)
         self.opt1 = torch.optim.RMSprop([self.disc.xi], lr=config.lr1, momentum=config.momentum1)
         self.opt2 = torch.optim.SGD([self.disc.xi_c], lr=derived.lr2)
+        # Coefficient corrections (docs/method.md#learned-coefficients): zero, so training starts at the plain solver.
+        self.coef = None if coef_shape is None else nn.Parameter(torch.zeros(coef_shape, dtype=self.disc.xi.dtype,
+                                                                                device=device))
+        self.opt_coef = None if self.coef is None else torch.optim.Adam([self.coef], lr=config.lr_coef)
         self.z_train = train.z.clone()  # slack latents z' (the originals stay in train.z / val.z)
         self.z_val = val.z.clone()
         self.shift_lr = derived.shift_lr
@@ -355,6 +380,7 @@ class _Run:
         self.val_on_all = False
         self.count_worse = self.lr2_floor_hits = 0
         self.best_state: dict[str, Tensor] = {}
+        self.best_coef: Tensor | None = None
         self.best: BestSchedule | None = None
         self.history: list[StepMetrics] = []
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -379,7 +405,7 @@ class _Run:
     def _losses(self, z: Tensor, y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
         """Per-sample loss d(decode(solver(D, σ_max z, σ, σ_eval)), y) -> [B]."""
         x = solve_from_latents(self.denoiser, self.solver, self.order, sigmas, z, sigmas_eval=sigmas_eval,
-                               cond=cond, decode=self.decode)
+                               cond=cond, decode=self.decode, coefficients=self.coef)
         losses = self.loss_fn(x, y)
         if losses.shape != (z.shape[0],):
             raise ValueError(f"loss_fn must return one loss per sample, shape ({z.shape[0]},), got {tuple(losses.shape)}")
@@ -429,11 +455,16 @@ class _Run:
         """Steps 1-4 on one batch -> (batch loss, accepted fraction) as device scalars, with no host sync."""
         self.disc.xi.requires_grad_(True)
         self.disc.xi_c.requires_grad_(self.phase == 2 and self.config.decoupled)
+        if self.coef is not None:
+            self.coef.requires_grad_(self.phase == 2)
         sigmas, sigmas_eval = self.disc()
         loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval, what="the training loss")
-        for param, opt in ((self.disc.xi, self.opt1), (self.disc.xi_c, self.opt2)):
+        groups = [(self.disc.xi, self.opt1, self.config.grad_clip), (self.disc.xi_c, self.opt2, self.config.grad_clip)]
+        if self.coef is not None:
+            groups.append((self.coef, self.opt_coef, self.config.coef_clip))
+        for param, opt, clip in groups:
             if param.grad is not None:
-                torch.nn.utils.clip_grad_norm_(param, self.config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(param, clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return loss, accept.float().mean()
@@ -448,6 +479,8 @@ class _Run:
         if self.hp.slack_radius == 0:
             return False
         self.disc.requires_grad_(False)
+        if self.coef is not None:
+            self.coef.requires_grad_(False)
         with torch.no_grad():
             sigmas, sigmas_eval = self.disc()
         count, device = len(self.val), self.z_val.device
@@ -477,7 +510,8 @@ class _Run:
         sigmas, sigmas_eval = self.disc()
         losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, latents[:count], data.y[:count],
                                self.loss_fn, sigmas_eval=sigmas_eval, cond=None if data.cond is None else data.cond[:count],
-                               decode=self.decode, batch_size=self.config.val_solve_batch_size or self.config.val_batch_size)
+                               decode=self.decode, coefficients=self.coef,
+                               batch_size=self.config.val_solve_batch_size or self.config.val_batch_size)
         return losses.to(torch.float64).mean()
 
     def _val_loss(self) -> Tensor:
@@ -516,14 +550,22 @@ class _Run:
 
     def _save_best(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
-        self.best = BestSchedule(self.step, loss, sigmas, sigmas_eval)
+        self.best_coef = None if self.coef is None else self.coef.detach().clone()
+        self.best = BestSchedule(self.step, loss, sigmas, sigmas_eval, self._host_coefficients())
         self.count_worse = 0
         for cb in self.callbacks:
             cb.on_best(self.best)
 
     def _reload_best(self) -> None:
         self.disc.load_state_dict(self.best_state)
+        if self.coef is not None:
+            with torch.no_grad():
+                self.coef.copy_(self.best_coef)
         self.count_worse = 0
+
+    def _host_coefficients(self) -> Tensor | None:
+        """The current coefficient corrections as float64 CPU (one host copy), or None."""
+        return None if self.coef is None else self.coef.detach().to("cpu", torch.float64).clone()
 
     def _reload_best_and_decay(self) -> None:
         self._reload_best()
@@ -538,6 +580,8 @@ class _Run:
         group1["lr"] = max(cfg.lr_decay * group1["lr"], cfg.lr1_floor)
         if self.phase == 2:
             group2["lr"] = max(cfg.lr_decay * group2["lr"], cfg.lr2_floor)
+            if self.opt_coef is not None:
+                self.opt_coef.param_groups[0]["lr"] *= cfg.lr_decay
             if group2["lr"] <= cfg.lr2_floor:
                 self.lr2_floor_hits += 1
 
@@ -598,6 +642,7 @@ class _Run:
             sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=self.best.val_loss, final_val_loss=final,
             n_steps=self.disc.n_steps, nfe=n_fe, steps=self.step, max_slack_distance=slack_distance,
             stop_reason=stop_reason, wall_time_s=wall_time_s, hyperparameters=self.hp, history=tuple(self.history),
+            coefficients=self._host_coefficients(),
         )
 
 
@@ -631,7 +676,9 @@ def train_ld3(
         loss_fn: per-sample loss ``(ŷ, y) -> [B]``; default ``ld3.losses.get_loss(config.loss)``.
         callbacks: ``Callback`` objects or functions of ``StepMetrics``; they may raise ``StopTraining``.
 
-    Returns the best schedule, its loss on the original validation latents and the history.
+    Returns the best schedule (and, with ``learn_coefficients``, the best coefficient corrections, to pass as
+    ``coefficients=`` to the solver or ``ld3.sampling.sample``), its loss on the original validation latents
+    and the history.
     Raises ``TrainingDiverged`` (with the last finite best schedule attached) if the loss turns NaN/Inf.
     """
     if not isinstance(schedule, NoiseSchedule):
@@ -639,6 +686,7 @@ def train_ld3(
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
     n_steps, n_fe = _resolve_steps(solver, order, n_steps, nfe)
+    coef_shape = _coefficient_shape(solver, order, n_steps, config)
     _check_inputs(train, val)
     device, dtype = train.z.device, train.z.dtype
     move = lambda d: TeacherData(d.z.to(device, dtype), d.y.to(device, dtype),  # noqa: E731
@@ -651,7 +699,7 @@ def train_ld3(
     solver_fn = get_solver(solver) if isinstance(solver, str) else solver
     run = _Run(_prepare_denoiser(denoiser, config), GraphedSolver(solver_fn) if config.cuda_graphs else solver_fn, order,
                schedule, train, val, config, config.derive(n_steps, train.z.shape[1:]), decode, loss_fn,
-               _as_callbacks(callbacks), n_steps)
+               _as_callbacks(callbacks), n_steps, coef_shape)
     start = time.perf_counter()
     reason = run.run()
     return run.result(reason, n_fe, time.perf_counter() - start)

@@ -12,7 +12,9 @@ A file holds (schema version 1):
   exports the best schedule it measured for a cell, which is a baseline grid where no learned one beat it),
   ``learned_beats_baseline`` (true, false, or null where no learned schedule finished) and ``consumers``
   (derived from the grid, checked on load, optional: what k-diffusion-style samplers, ComfyUI and diffusers
-  schedulers take, see ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use).
+  schedulers take, see ``ExportedSchedule.consumer_formats``; docs/exports.md shows each in use); optional
+  ``coefficients`` ([N, slots] learned corrections of the solver's weights, docs/method.md#learned-coefficients;
+  absent when none were learned; only ``ld3.sampling.sample`` and the ``LD3Scheduler`` can honour them).
 
 A study writes its files to ``<exports_dir>/<study>/`` (``study_exports_dir``) with ``save_best_export``,
 which keeps an existing file that scored better on the same teacher data instead of replacing it.
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ld3.schedules import EDMSchedule, NoiseSchedule, VPCosineSchedule, VPDiscreteSchedule, VPLinearSchedule
+from ld3.solvers import coefficient_shape
 from ld3.solvers import nfe as solver_nfe
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
 from pipeline.provenance import code_version, jsonable
@@ -57,6 +60,7 @@ _CONTINUOUS_TIME = (VPLinearSchedule.name, VPCosineSchedule.name)  # native time
 INTERPOLATED_MODE = "interpolated"  # mode of a schedule resized by interpolated_export (not learned)
 # Who can evaluate the denoiser at sigmas_eval (decoupled schedules); every other consumer takes the step grid only.
 HONOURS_SIGMAS_EVAL = ("ld3.sampling.sample", "pipeline.consumers.diffusers_scheduler.LD3Scheduler")
+HONOURS_COEFFICIENTS = HONOURS_SIGMAS_EVAL  # who can run the solver with learned coefficient corrections
 K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS = "k-diffusion samplers", "ComfyUI custom sigmas", "diffusers' built-in schedulers"
 STEP_GRID_CONSUMERS = (K_DIFFUSION, COMFYUI, DIFFUSERS_SCHEDULERS)  # they evaluate at their step points
 # Nearest ComfyUI / k-diffusion-style sampler of each (solver, order): same method, warm-up details may differ.
@@ -114,6 +118,7 @@ class ExportedSchedule:
     timesteps_eval: Tensor | None = None
     source: str = "learned"  # or "baseline:<name>" when a baseline grid beat every learned schedule
     learned_beats_baseline: bool | None = None  # None: no learned schedule to compare
+    coefficients: Tensor | None = None  # learned corrections [N, slots] (ld3.solvers.coefficient_shape)
 
     def __post_init__(self) -> None:
         _require(self.source == "learned" or (self.source.startswith("baseline:") and len(self.source) > 9), "source",
@@ -146,6 +151,8 @@ class ExportedSchedule:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                      f"metrics[{key!r}]", f"must be a finite number, got {value!r}")
         _require(isinstance(self.provenance, Provenance), "provenance", "must be a Provenance")
+        if self.coefficients is not None:
+            _check_coefficients(self.coefficients, self.solver, self.order, n_points - 1)
 
     @property
     def n_steps(self) -> int:
@@ -174,6 +181,7 @@ class ExportedSchedule:
             "learned_beats_baseline": self.learned_beats_baseline,
             "provenance": {name: getattr(self.provenance, name) for name in _PROVENANCE_KEYS},
             "consumers": self.consumer_formats(),
+            **({} if self.coefficients is None else {"coefficients": self.coefficients.tolist()}),
         }
 
     def to_json(self) -> str:
@@ -185,6 +193,7 @@ class ExportedSchedule:
         _require(isinstance(document, dict), "document", "must be a JSON object")
         document = dict(document)
         consumers = document.pop("consumers", None)  # optional, derived from the grid (consumer_formats)
+        coefficients = document.pop("coefficients", None)  # optional: learned solver coefficients
         version = document.get("schema_version")
         _require(version == SCHEMA_VERSION, "schema_version",
                  f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
@@ -201,6 +210,7 @@ class ExportedSchedule:
             provenance=Provenance(**document["provenance"]),
             source=document.get("source", "learned"),
             learned_beats_baseline=document.get("learned_beats_baseline"),
+            coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
         )
         _require(document["n_steps"] == exported.n_steps, "n_steps",
                  f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
@@ -275,7 +285,13 @@ class ExportedSchedule:
 
     def check_step_grid_consumer(self, consumer: str, ignore_decoupled: bool) -> None:
         """Refuse to hand a decoupled schedule to ``consumer`` (one that evaluates at its step points) unless the
-        caller chose to drop the decoupling (``ignore_decoupled=True``)."""
+        caller chose to drop the decoupling (``ignore_decoupled=True``); refuse learned coefficients always."""
+        if self.coefficients is not None:
+            raise ValueError(
+                f"this schedule carries learned solver coefficients, which {consumer} cannot apply; "
+                f"run it with {' or '.join(HONOURS_COEFFICIENTS)}, "
+                "or export a schedule trained without learn_coefficients"
+            )
         if self.decoupled and not ignore_decoupled:
             raise ValueError(
                 f"this schedule is decoupled (the denoiser is evaluated at sigmas_eval, not at sigmas) and {consumer} "
@@ -288,8 +304,13 @@ class ExportedSchedule:
         """What other samplers take, as stored in the file's ``consumers`` block (derived from the grid).
 
         For a decoupled schedule the lists are the step grid alone (``step_grid_only``: they lose the
-        decoupling); ``honours_sigmas_eval`` names the consumers that keep it.
+        decoupling); ``honours_sigmas_eval`` names the consumers that keep it. With learned coefficients no
+        step-grid consumer can reproduce the solver, so the lists are null.
         """
+        if self.coefficients is not None:
+            lists = dict.fromkeys(("k_diffusion_sigmas", "comfyui_sigmas", "diffusers_sigmas", "diffusers_timesteps"))
+            return {"solver": self.solver, "order": self.order, "comfyui_sampler": None,
+                    "step_grid_only": self.decoupled, "honours_sigmas_eval": list(HONOURS_SIGMAS_EVAL), **lists}
         try:
             timesteps = self.diffusers_timesteps(ignore_decoupled=True)
         except ValueError:  # no training-step time (EDM/VE), or two steps round to the same integer
@@ -327,9 +348,10 @@ def build_export(
     study: str | None = None,
     source: str = "learned",
     learned_beats_baseline: bool | None = None,
+    coefficients: Tensor | None = None,
 ) -> ExportedSchedule:
-    """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``), with native timesteps from
-    ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
+    """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``, learned solver ``coefficients``), with
+    native timesteps from ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
     sigmas = _tensor(sigmas, "sigmas")
     noise_schedule.check_sigmas(sigmas, "sigmas")
     evals = None if sigmas_eval is None else _tensor(sigmas_eval, "sigmas_eval")
@@ -343,6 +365,7 @@ def build_export(
         provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
                               mlflow_run_id=mlflow_run_id, study=study),
         source=source, learned_beats_baseline=learned_beats_baseline,
+        coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
     )
 
 
@@ -500,6 +523,17 @@ def _slug(text: str) -> str:
     if not slug:
         raise ValueError(f"name {text!r} has no letters or digits to build a file name from")
     return slug
+
+
+def _check_coefficients(values: Tensor, solver: str, order: int, n_steps: int) -> None:
+    """Learned coefficient corrections: the solver takes them, and they are finite of shape [N, slots]."""
+    try:
+        shape = coefficient_shape(solver, n_steps, order)
+    except ValueError as err:
+        raise ValueError(f"coefficients {err}") from None
+    _require(tuple(values.shape) == shape, "coefficients",
+             f"must have shape {list(shape)} for {solver} order {order} on {n_steps} steps, got {list(values.shape)}")
+    _require(bool(torch.isfinite(values).all()), "coefficients", "must be finite numbers")
 
 
 def _require(condition: bool, name: str, problem: str) -> None:

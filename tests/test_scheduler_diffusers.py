@@ -27,6 +27,7 @@ from ld3.models.gmm import default_gmm
 from ld3.models.stable_diffusion import load_stable_diffusion
 from ld3.sampling import sample
 from ld3.schedules import EDMSchedule
+from ld3.solvers import coefficient_shape
 from ld3.solvers import nfe as solver_nfe
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
 from pipeline.export import build_export, save_export
@@ -292,3 +293,23 @@ def test_without_diffusers_the_import_error_says_how_to_install():
             "    import pipeline.consumers.diffusers_scheduler\nexcept ImportError as error:\n"
             "    assert \"pip install -e '.[models]'\" in str(error), error\nelse:\n    raise SystemExit('imported')\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize(("solver", "order"), [("ipndm", 3), ("unipc_bh1", 3), ("dpmpp", 3)])
+def test_learned_coefficients_are_honoured_by_the_scheduler(tmp_path, pixel, solver, order):
+    sigmas, sigmas_eval = _grid(pixel.schedule, decoupled=True)
+    generator = torch.Generator().manual_seed(2)
+    coefficients = 0.2 * torch.randn(coefficient_shape(solver, N_STEPS, order), generator=generator, dtype=torch.float64)
+    exported = build_export(sigmas=sigmas, sigmas_eval=sigmas_eval, noise_schedule=pixel.schedule, model="tiny",
+                            solver=solver, order=order, nfe=N_STEPS, mode="lambda", metrics={}, config={},
+                            teacher_cache_key="test", coefficients=coefficients)
+    scheduler = LD3Scheduler.from_export(save_export(exported, tmp_path), _scheduler_config(tiny_pixel_pipeline()))
+    pipe = DDPMPipeline(unet=pixel.net, scheduler=scheduler)
+    seen = _record_final_latents(scheduler)
+    pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=N_STEPS, output_type="pt")
+    z = torch.randn(2, *pixel.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z = z / scheduler.init_noise_sigma
+    expected = sample(pixel, solver, order, sigmas, z, sigmas_eval=sigmas_eval, coefficients=coefficients)
+    assert _relative_error(seen[-1], expected) < RTOL
+    plain = sample(pixel, solver, order, sigmas, z, sigmas_eval=sigmas_eval)
+    assert _relative_error(plain, expected) > 100 * RTOL  # the coefficients matter on this grid

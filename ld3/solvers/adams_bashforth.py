@@ -3,6 +3,8 @@
 ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j c_j eps_{i-j}`` with the fixed coefficients of equal-step
 Adams-Bashforth (docs/method.md#solvers), warm-started with the lower orders. The coefficients ignore the
 grid's spacing, so on non-uniform grids the observed order is below the nominal one: that is the method.
+Optional learned corrections (docs/method.md#learned-coefficients) replace c_j by ``c_j + delta_{i,j}`` with
+``sum_j delta_{i,j} = 0``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Denoiser, accumulate, noise_prediction, prepare_grids, step_orders
+from .base import (
+    Denoiser,
+    accumulate,
+    corrected_weights,
+    noise_prediction,
+    prepare_coefficients,
+    prepare_grids,
+    step_orders,
+    zero_sum_corrections,
+)
 
 IPNDM_ORDERS = (1, 2, 3, 4)
 ADAMS_BASHFORTH = {
@@ -31,16 +42,31 @@ def ipndm(
     *,
     order: int = 4,
     cond: Any = None,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
-    """iPNDM of the given order (1-4); NFE = N. Decoupled timesteps: eps_i = (x_i - D(x_i, sigma'_i)) / sigma'_i."""
+    """iPNDM of the given order (1-4); NFE = N. Decoupled timesteps: eps_i = (x_i - D(x_i, sigma'_i)) / sigma'_i.
+
+    ``coefficients``: optional [N, order] learned corrections (``ipndm_coefficient_slots``); step i adds
+    ``(sigma_{i+1} - sigma_i) delta_{i,j}`` to the weight of eps_{i-j}, delta the zero-sum projection of row i.
+    """
     sigmas, sigmas_eval = prepare_grids("ipndm", x, sigmas, sigmas_eval, order, IPNDM_ORDERS)
     n_steps = sigmas.numel() - 1
+    orders = step_orders(n_steps, order, lower_order_final=False)
     step_sizes = sigmas[1:] - sigmas[:-1]
     # Python-float coefficients times the step sizes: no host-to-device copy.
-    coefficients = {p: torch.stack([c * step_sizes for c in ADAMS_BASHFORTH[p]], dim=1) for p in range(1, order + 1)}
+    weights = {p: torch.stack([c * step_sizes for c in ADAMS_BASHFORTH[p]], dim=1) for p in range(1, order + 1)}
+    if coefficients is not None:
+        raw = prepare_coefficients("ipndm", x, coefficients, (n_steps, ipndm_coefficient_slots(order)))
+        delta = zero_sum_corrections(raw, orders)
+        weights = {p: corrected_weights(w, delta, step_sizes) for p, w in weights.items()}
     evals = sigmas_eval.unbind()
     history: list[Tensor] = []  # eps_i, eps_{i-1}, ... newest first
-    for i, step_order in enumerate(step_orders(n_steps, order, lower_order_final=False)):
+    for i, step_order in enumerate(orders):
         history = [noise_prediction(denoiser, x, evals[i], cond), *history[: order - 1]]
-        x = accumulate(x, coefficients[step_order][i].unbind(), history[:step_order])
+        x = accumulate(x, weights[step_order][i].unbind(), history[:step_order])
     return x
+
+
+def ipndm_coefficient_slots(order: int) -> int:
+    """Learned corrections per step: one per eps in the step's history (the first ``p`` are used at order p)."""
+    return order

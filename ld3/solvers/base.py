@@ -147,3 +147,41 @@ def shifted(values: Tensor, k: int) -> Tensor:
     """``values[i - k]`` for every i (``values[0]`` where ``i < k``): past entries, vectorised over steps."""
     index = (torch.arange(values.numel(), device=values.device) - k).clamp_min(0)
     return values[index]
+
+
+def prepare_coefficients(solver: str, x: Tensor, coefficients: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Validate learned coefficient corrections (docs/method.md#learned-coefficients): [N, slots], finite,
+    cast to x's dtype and device (differentiably). The finiteness check is skipped during CUDA graph capture."""
+    if not isinstance(coefficients, Tensor):
+        raise TypeError(f"coefficients must be a torch.Tensor, got {type(coefficients).__name__}")
+    if tuple(coefficients.shape) != shape:
+        raise ValueError(
+            f"coefficients for {solver} must have shape {shape} (N steps x slots of this order, "
+            f"ld3.solvers.coefficient_shape), got {tuple(coefficients.shape)}"
+        )
+    coefficients = coefficients.to(device=x.device, dtype=x.dtype)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not bool(torch.isfinite(coefficients.detach()).all()):
+        raise ValueError(f"coefficients contain NaN/Inf values: {coefficients.detach().tolist()}")
+    return coefficients
+
+
+def zero_sum_corrections(raw: Tensor, counts: Sequence[int]) -> Tensor:
+    """``delta[i, k] = raw[i, k] - mean_{k' < counts[i]} raw[i, k']`` for ``k < counts[i]``, 0 beyond.
+
+    Each step's corrections sum to zero over the ``counts[i]`` weights it uses, so a corrected step keeps the
+    sum of its weights (first-order consistency); a step with one weight has no freedom (delta = 0).
+    """
+    sizes = torch.tensor(counts, dtype=raw.dtype).to(raw.device)[:, None]  # one host-to-device copy
+    active = torch.arange(raw.shape[1], device=raw.device) < sizes
+    used = torch.where(active, raw, torch.zeros_like(raw))
+    mean = used.sum(dim=1, keepdim=True) / sizes
+    return torch.where(active, raw - mean, torch.zeros_like(raw))
+
+
+def corrected_weights(weights: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
+    """``weights[i, k] + scale[i] * delta[i, k]`` for the [N, p] weights of order-p steps (delta's first p columns).
+
+    ``scale`` is each step's weight sum (Δσ for iPNDM, 1 - e^{-h} for data prediction), so a correction is a
+    fraction of the step's own size. With delta = 0 the weights are returned bit for bit (w + 0 == w)."""
+    return weights + scale[:, None] * delta[:, : weights.shape[1]]

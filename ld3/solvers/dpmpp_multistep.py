@@ -8,6 +8,8 @@ the exponential integrator reads
 and the integrand's Taylor terms D, D', D'' (in lambda) are estimated from the last 1-3 denoiser
 outputs. Every step is therefore ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i + sum_k w_{i,k} D_{i-k}``; the
 weights w depend only on the step grid and are computed for all steps at once, before the loop.
+Optional learned corrections (docs/method.md#learned-coefficients) add ``(1 - e^{-h_i}) delta_{i,k}`` to
+``w_{i,k}`` with ``sum_k delta_{i,k} = 0``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Denoiser, accumulate, denoise, prepare_grids, shifted, step_orders
+from .base import (
+    Denoiser,
+    accumulate,
+    corrected_weights,
+    denoise,
+    prepare_coefficients,
+    prepare_grids,
+    shifted,
+    step_orders,
+    zero_sum_corrections,
+)
 
 DPMPP_ORDERS = (1, 2, 3)
 # Like the DPM-Solver reference sampler: lower orders on the final steps only for short grids.
@@ -61,16 +73,24 @@ def dpmpp(
     *,
     order: int = 3,
     cond: Any = None,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """DPM-Solver++(order)M, multistep with data prediction; NFE = N.
 
     Warm start with lower orders; on grids of fewer than 10 steps the last steps also drop to lower
     orders (``lower_order_final``). Decoupled timesteps: D_i = D(x_i, sigma'_i); weights use sigmas only.
+    ``coefficients``: optional [N, order] learned corrections (``dpmpp_coefficient_slots``), scaled by each
+    step's weight sum 1 - e^{-h_i} and projected to zero sum per step.
     """
     sigmas, sigmas_eval = prepare_grids("dpmpp", x, sigmas, sigmas_eval, order, DPMPP_ORDERS)
     n_steps = sigmas.numel() - 1
     orders = step_orders(n_steps, order, lower_order_final=n_steps < LOWER_ORDER_FINAL_BELOW_STEPS)
     weights = dpmpp_weights(sigmas, max(orders))
+    if coefficients is not None:
+        raw = prepare_coefficients("dpmpp", x, coefficients, (n_steps, dpmpp_coefficient_slots(order)))
+        delta = zero_sum_corrections(raw, orders)
+        phi1 = (sigmas[:-1] - sigmas[1:]) / sigmas[:-1]
+        weights = [corrected_weights(w, delta, phi1) for w in weights]
     decays = (sigmas[1:] / sigmas[:-1]).unbind()
     evals = sigmas_eval.unbind()
     history: list[Tensor] = []  # D_i, D_{i-1}, ... newest first
@@ -78,3 +98,8 @@ def dpmpp(
         history = [denoise(denoiser, x, evals[i], cond), *history[: order - 1]]
         x = accumulate(decays[i] * x, weights[step_order - 1][i].unbind(), history[:step_order])
     return x
+
+
+def dpmpp_coefficient_slots(order: int) -> int:
+    """Learned corrections per step: one per stored D (the first ``p`` are used at order p)."""
+    return order

@@ -10,7 +10,9 @@ with ``phi1 = 1 - e^{-h}``, ``B(h) = -h`` (bh1) or ``e^{-h} - 1`` (bh2), and rho
 ``sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) (-h) / B(h)`` (the paper's Eq. 11 / Alg. 2-3). ``D~_{i+1} =
 D(x~_{i+1}, sigma'_{i+1})`` is the next step's model evaluation, so the corrector costs no extra call.
 All coefficients depend only on the step grid and are computed for every step at once, as weights on the
-stored D values; every operation keeps the graph (no ``torch.tensor(list_of_tensors)``).
+stored D values; every operation keeps the graph (no ``torch.tensor(list_of_tensors)``). Optional learned
+corrections (docs/method.md#learned-coefficients) add ``phi1_i delta_{i,k}`` to the predictor's and the
+corrector's weights, each with ``sum_k delta_{i,k} = 0``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Denoiser, accumulate, denoise, prepare_grids, shifted, step_orders
+from .base import (
+    Denoiser,
+    accumulate,
+    corrected_weights,
+    denoise,
+    prepare_coefficients,
+    prepare_grids,
+    shifted,
+    step_orders,
+    zero_sum_corrections,
+)
 
 UNIPC_ORDERS = (1, 2, 3)
 
@@ -89,6 +101,21 @@ def unipc_weights(sigmas: Tensor, orders: Iterable[int], variant: str) -> dict[i
     return weights
 
 
+def unipc_coefficient_slots(order: int) -> int:
+    """Learned corrections per step: ``order`` for the predictor's D_i, D_{i-1}, ..., then ``order + 1`` for the
+    corrector's (the same and D~_{i+1}); an order-p step uses the first p and p + 1 of each."""
+    return 2 * order + 1
+
+
+def _corrected_unipc_weights(weights: dict[int, tuple[Tensor, Tensor]], raw: Tensor, orders: list[int],
+                             order: int, phi1: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """Predictor and corrector weights plus ``phi1 delta`` (zero-sum per step, separately for each)."""
+    delta_p = zero_sum_corrections(raw[:, :order], orders)
+    delta_c = zero_sum_corrections(raw[:, order:], [p + 1 for p in orders])
+    return {p: (corrected_weights(pred, delta_p, phi1), corrected_weights(corr, delta_c, phi1))
+            for p, (pred, corr) in weights.items()}
+
+
 def _unipc(
     variant: str,
     denoiser: Denoiser,
@@ -97,11 +124,17 @@ def _unipc(
     sigmas_eval: Tensor | None,
     order: int,
     cond: Any,
+    coefficients: Tensor | None,
 ) -> Tensor:
-    sigmas, sigmas_eval = prepare_grids(f"unipc_{variant}", x, sigmas, sigmas_eval, order, UNIPC_ORDERS)
+    name = f"unipc_{variant}"
+    sigmas, sigmas_eval = prepare_grids(name, x, sigmas, sigmas_eval, order, UNIPC_ORDERS)
     n_steps = sigmas.numel() - 1
     orders = step_orders(n_steps, order, lower_order_final=True)
     weights = unipc_weights(sigmas, set(orders), variant)
+    if coefficients is not None:
+        raw = prepare_coefficients(name, x, coefficients, (n_steps, unipc_coefficient_slots(order)))
+        phi1 = (sigmas[:-1] - sigmas[1:]) / sigmas[:-1]
+        weights = _corrected_unipc_weights(weights, raw, orders, order, phi1)
     decays = (sigmas[1:] / sigmas[:-1]).unbind()
     evals = sigmas_eval.unbind()
     history = [denoise(denoiser, x, evals[0], cond)]  # D_i, D_{i-1}, ... newest first
@@ -125,13 +158,15 @@ def unipc_bh1(
     *,
     order: int = 3,
     cond: Any = None,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """UniPC-p with B(h) = h (bh1, the paper's choice for pixel models); NFE = N.
 
     UniC on every step but the last; warm start and final steps with lower orders (``lower_order_final``).
-    Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only.
+    Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only. ``coefficients``: optional
+    [N, 2 order + 1] learned corrections (``unipc_coefficient_slots``).
     """
-    return _unipc("bh1", denoiser, x, sigmas, sigmas_eval, order, cond)
+    return _unipc("bh1", denoiser, x, sigmas, sigmas_eval, order, cond, coefficients)
 
 
 def unipc_bh2(
@@ -142,10 +177,12 @@ def unipc_bh2(
     *,
     order: int = 3,
     cond: Any = None,
+    coefficients: Tensor | None = None,
 ) -> Tensor:
     """UniPC-p with B(h) = e^h - 1 (bh2, the paper's choice for latent models); NFE = N.
 
     UniC on every step but the last; warm start and final steps with lower orders (``lower_order_final``).
-    Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only.
+    Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only. ``coefficients``: optional
+    [N, 2 order + 1] learned corrections (``unipc_coefficient_slots``).
     """
-    return _unipc("bh2", denoiser, x, sigmas, sigmas_eval, order, cond)
+    return _unipc("bh2", denoiser, x, sigmas, sigmas_eval, order, cond, coefficients)

@@ -63,9 +63,10 @@ class SolverReplay:
     """
 
     def __init__(self, solver: str, order: int, sigmas: Tensor, sigmas_eval: Tensor | None, x_start: Tensor,
-                 to_denoised: ToDenoised):
+                 to_denoised: ToDenoised, coefficients: Tensor | None = None):
         self.solve = get_spec(solver).fn
         self.order, self.sigmas, self.sigmas_eval = order, sigmas, sigmas_eval
+        self.extra = {} if coefficients is None else {"coefficients": coefficients}  # learned solver coefficients
         self.x_start, self.to_denoised = x_start, to_denoised
         self.outputs: list[Tensor] = []
         self.last_denoised: Tensor | None = None
@@ -83,7 +84,8 @@ class SolverReplay:
             return self.last_denoised
 
         try:
-            final = self.solve(replayed_denoiser, self.x_start, self.sigmas, self.sigmas_eval, order=self.order)
+            final = self.solve(replayed_denoiser, self.x_start, self.sigmas, self.sigmas_eval, order=self.order,
+                               **self.extra)
         except _NextEvaluation as pending:
             return pending.x, pending.sigma
         return final, None
@@ -115,7 +117,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler for an exported LD3 schedule; build it with :meth:`from_export`.
 
     Config: the step grid ``sigmas`` (N+1, EDM form), the decoupled ``sigmas_eval`` (or None), the ``solver``
-    and its ``solver_order``, the model's ``noise_schedule`` ("vp_discrete": the beta fields as in every
+    and its ``solver_order``, its learned ``coefficients`` (or None; they move no evaluation
+    point), the model's ``noise_schedule`` ("vp_discrete": the beta fields as in every
     diffusers scheduler config; "edm": σ is the network's time) and ``prediction_type``. ``order`` (the
     diffusers attribute) is the number of network calls per solver step.
     """
@@ -137,10 +140,12 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
+        coefficients: list[list[float]] | None = None,
     ):
         _check_prediction_type(noise_schedule, prediction_type)
         self.step_sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         self.eval_sigmas = None if sigmas_eval is None else torch.as_tensor(sigmas_eval, dtype=torch.float64)
+        self.coefficients = None if coefficients is None else torch.as_tensor(coefficients, dtype=torch.float64)
         self.schedule = noise_schedule_named(noise_schedule, self.step_sigmas, self.config)
         self.call_sigmas = evaluation_sigmas(solver, solver_order, self.step_sigmas, self.eval_sigmas)
         self.order = get_spec(solver).calls_per_step
@@ -169,6 +174,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return cls(
             sigmas=exported.sigmas.tolist(), solver=exported.solver, solver_order=exported.order,
             sigmas_eval=None if exported.sigmas_eval is None else exported.sigmas_eval.tolist(),
+            coefficients=None if exported.coefficients is None else exported.coefficients.tolist(),
             noise_schedule=exported.noise_schedule,
             prediction_type=prediction_type or base.get("prediction_type", "epsilon"),
             **{key: base[key] for key in _BETA_KEYS if key in base},
@@ -220,8 +226,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         work_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         if self._replay is None:
             x_start = sample.to(work_dtype) / self._alpha(self.step_sigmas[0].to(work_dtype))
+            coefficients = None if self.coefficients is None else self.coefficients.to(work_dtype)
             self._replay = SolverReplay(self.config.solver, self.config.solver_order, self.step_sigmas,
-                                        self.eval_sigmas, x_start, self._to_denoised)
+                                        self.eval_sigmas, x_start, self._to_denoised, coefficients)
         x_next, sigma_next = self._replay.advance(model_output)
         prev_sample = x_next if sigma_next is None else x_next * self._alpha(sigma_next).reshape(-1, *[1] * (x_next.ndim - 1))
         self._returned = prev_sample.to(sample.dtype)
