@@ -158,7 +158,7 @@ def env_file_values(config: dict, home: Path, head_ip: str | None) -> dict:
     out = run_bash("source ~/.ld3_env && " + " && ".join(f'echo "${n}"' for n in names), env).stdout
     bashrc = (home / ".bashrc").read_text()
     assert bashrc.count("source ~/.ld3_env") == 1 and bashrc.count(f"source {sys.prefix}/bin/activate") == 1
-    return dict(zip(names, out.splitlines()))
+    return dict(zip(names, out.splitlines(), strict=True))
 
 
 def test_setup_without_storage_fails_with_a_clear_message(tmp_path):
