@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from hashlib import sha256
 from pathlib import Path
 
 import psutil
@@ -101,6 +102,7 @@ def ssh_head():
     (home / ".profile").write_text('cd "$HOME"\n')  # a login starts in the home folder, as on a real node
     (root / "ray").mkdir()
     port = free_port()
+    cluster_name = f"ld3-test-{os.getpid()}"
     for name in ("client_key", "host_key"):
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(root / name)])
     shutil.copy(root / "client_key.pub", root / "authorized_keys")
@@ -124,12 +126,15 @@ SetEnv HOME={home} RAY_TMPDIR={root}/ray
                                stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
         wait_for_port(port, unshare, log)
-        yield {"root": root, "home": home, "port": port, "key": root / "client_key", "unshare": unshare}
+        yield {"root": root, "home": home, "port": port, "key": root / "client_key", "unshare": unshare,
+               "cluster_name": cluster_name}
     finally:
         kill_by_pid(namespace_processes(unshare)[:1])  # the namespace's first process: the kernel ends the rest
         unshare.wait(timeout=30)
         kill_by_pid(ssh_clients_of(port))
         shutil.rmtree(root, ignore_errors=True)
+        for control_dir in Path("/tmp").glob(f"ray_ssh_*/{sha256(cluster_name.encode()).hexdigest()[:10]}"):
+            shutil.rmtree(control_dir, ignore_errors=True)  # the launcher's SSH ControlPath folder for this cluster
 
 
 def ray_processes(unshare: subprocess.Popen) -> list[list[str]]:
@@ -147,7 +152,7 @@ def concrete_config(template: dict, head: dict, ports: dict) -> dict:
     """ray_cluster.local.yaml for this machine: same commands, this run's settings."""
     config = yaml.safe_load(yaml.safe_dump(template))
     root = head["root"]
-    config["cluster_name"] = f"ld3-test-{os.getpid()}"
+    config["cluster_name"] = head["cluster_name"]
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(head["key"]),
                       "ssh_proxy_command": f"nc 127.0.0.1 {head['port']}"}  # the launcher has no SSH port key
