@@ -1,5 +1,6 @@
-"""ray_cluster.yaml: Ray's own validator, the fields the pipeline relies on, and its shell commands run for real
-(the environment file every node sources, and the MLflow server the head starts)."""
+"""ray_cluster.yaml and ray_cluster.local.yaml: Ray's own validator, the fields the pipeline relies on, and their
+shell commands run for real (cluster/setup_node.sh writing the environment file every node sources, and
+cluster/start_mlflow.sh starting the head's MLflow server). tests/test_cluster_launcher.py runs `ray up`."""
 
 import copy
 import os
@@ -20,6 +21,9 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "ray_cluster.yaml"
+LOCAL_CONFIG_FILE = REPO / "ray_cluster.local.yaml"
+SETUP_SCRIPT = "~/ld3/cluster/setup_node.sh"
+MLFLOW_SCRIPT = "~/ld3/cluster/start_mlflow.sh"
 DOCS_FILE = REPO / "docs" / "cluster.md"
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -29,6 +33,11 @@ def config() -> dict:
     return yaml.safe_load(CONFIG_FILE.read_text())
 
 
+@pytest.fixture(params=[CONFIG_FILE, LOCAL_CONFIG_FILE], ids=["aws", "local"])
+def any_config(request) -> dict:
+    return yaml.safe_load(request.param.read_text())
+
+
 def command_with(commands: list[str], *needles: str) -> str:
     matches = [c for c in commands if all(n in c for n in needles)]
     assert len(matches) == 1, f"expected one command containing {needles}, found {len(matches)}"
@@ -36,8 +45,9 @@ def command_with(commands: list[str], *needles: str) -> str:
 
 
 def run_bash(command: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=True)
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
 
 
 def base_env(home: Path) -> dict:
@@ -53,6 +63,30 @@ def test_config_passes_rays_cluster_config_validator(config):
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     assert prepared["available_node_types"]["gpu_worker"]["max_workers"] == 8
+
+
+def test_local_config_passes_rays_cluster_config_validator():
+    """The on-premise config, prepared as `ray up` does: one node type, as many workers as listed IPs."""
+    local = yaml.safe_load(LOCAL_CONFIG_FILE.read_text())
+    prepared = prepare_config(copy.deepcopy(local))
+    validate_config(prepared)
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["max_workers"] == len(local["provider"]["worker_ips"]) > 0
+    assert local["auth"]["ssh_user"] and local["auth"]["ssh_private_key"]
+
+
+def test_both_configs_share_the_study_setup(config):
+    """The same scripts, mounted the same way, prepare the nodes and the head of both clusters."""
+    local = yaml.safe_load(LOCAL_CONFIG_FILE.read_text())
+    for cluster in (config, local):
+        assert [c.split("bash ", 1)[-1] for c in cluster["setup_commands"]] == [
+            "~/ld3/cluster/setup_node.sh", "~/ld3/cluster/fetch_weights.sh"]
+        assert f"bash {MLFLOW_SCRIPT}" in cluster["head_start_ray_commands"]
+        assert cluster["rsync_filter"] == config["rsync_filter"]
+        assert cluster["rsync_exclude"] == config["rsync_exclude"]
+    (aws_mount, _), = config["file_mounts"].items()
+    (local_mount, _), = local["file_mounts"].items()
+    assert aws_mount == "/home/" + config["auth"]["ssh_user"] + "/ld3" and local_mount == "~/ld3"
 
 
 @pytest.mark.parametrize("breakage", ["unknown_top_level_key", "fractional_gpu_resource", "bad_head_type"])
@@ -84,20 +118,19 @@ def test_node_types_give_a_cpu_head_and_autoscaling_gpu_workers(config):
         assert "IamInstanceProfile" in worker["node_config"]
 
 
-def test_the_repository_is_mounted_and_installed_with_constraints(config):
-    (remote, local), = config["file_mounts"].items()
+def test_the_repository_is_mounted_and_installed_with_constraints(any_config):
+    (remote, local), = any_config["file_mounts"].items()
     assert (REPO / local).resolve() == REPO and (REPO / "pyproject.toml").is_file()
-    install = command_with(config["setup_commands"], "pip install", "-c ")
-    constraints = re.search(r"-c (\S+)", install).group(1)
-    assert constraints == f"{remote}/constraints.txt" and (REPO / "constraints.txt").is_file()
-    assert f'"{remote}[models]"' in install and '"ray[default]"' in install
-    assert ".gitignore" in config["rsync_filter"] and (REPO / ".gitignore").is_file()
+    assert remote.endswith("/ld3") and command_with(any_config["setup_commands"], SETUP_SCRIPT)
+    script = (REPO / "cluster" / "setup_node.sh").read_text()
+    assert 'pip install -q -c "$repo/constraints.txt" "$repo[models]" "ray[default]"' in script
+    assert ".gitignore" in any_config["rsync_filter"] and (REPO / ".gitignore").is_file()
 
 
-def test_ray_start_commands_parse_with_the_installed_ray(config):
+def test_ray_start_commands_parse_with_the_installed_ray(any_config):
     from ray.scripts.scripts import start
 
-    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+    for commands in (any_config["head_start_ray_commands"], any_config["worker_start_ray_commands"]):
         line = command_with(commands, "ray start")
         args = shlex.split(line.split("ray start", 1)[1].replace("$RAY_HEAD_IP", "10.0.0.1"))
         start.make_context("start", args)  # raises on unknown or malformed options
@@ -106,16 +139,43 @@ def test_ray_start_commands_parse_with_the_installed_ray(config):
 # --- The shell commands, run for real ------------------------------------------------------------
 
 
+def with_settings(command: str, script: str, settings: str) -> str:
+    """A YAML command that runs ``script``, with ``settings`` (VAR=value ...) given after the YAML's own."""
+    return command.replace(f"bash {script}", f"{settings} bash {script}")
+
+
 def env_file_values(config: dict, home: Path, head_ip: str | None) -> dict:
+    """Run the config's setup command on a fake node (its home is ``home``, the repository mounted at ~/ld3,
+    this test's venv already complete) and read back the environment file it wrote."""
     env = base_env(home) | ({"RAY_HEAD_IP": head_ip} if head_ip else {})
-    write = command_with(config["setup_commands"], "~/.ld3_env", "printf")
+    (home / "ld3").symlink_to(REPO)
+    setup = with_settings(command_with(config["setup_commands"], SETUP_SCRIPT), SETUP_SCRIPT,
+                          f"LD3_INSTALL=no LD3_VENV={sys.prefix}")
     for _ in range(2):  # setup commands run again on every `ray up`
-        run_bash(write, env)
+        run_bash(setup, env)
     names = ["LD3_STORAGE", "LD3_CACHE_DIR", "LD3_STORAGE_DIR", "LD3_MLFLOW_PORT", "MLFLOW_BACKEND_STORE_URI",
-             "MLFLOW_TRACKING_URI"]
+             "MLFLOW_TRACKING_URI", "PYTHONPATH"]
     out = run_bash("source ~/.ld3_env && " + " && ".join(f'echo "${n}"' for n in names), env).stdout
-    assert (home / ".bashrc").read_text().count("source ~/.ld3_env") == 1
-    return dict(zip(names, out.splitlines()))
+    bashrc = (home / ".bashrc").read_text()
+    assert bashrc.count("source ~/.ld3_env") == 1 and bashrc.count(f"source {sys.prefix}/bin/activate") == 1
+    return dict(zip(names, out.splitlines(), strict=True))
+
+
+def test_setup_without_storage_fails_with_a_clear_message(tmp_path):
+    (tmp_path / "ld3").symlink_to(REPO)
+    result = subprocess.run(["bash", "-c", f"LD3_INSTALL=no bash {SETUP_SCRIPT}"], env=base_env(tmp_path),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "set LD3_STORAGE" in result.stderr
+    assert not (tmp_path / ".ld3_env").exists()
+
+
+def test_local_setup_points_every_node_at_the_shared_folder(tmp_path):
+    local = yaml.safe_load(LOCAL_CONFIG_FILE.read_text())
+    values = env_file_values(local, tmp_path, head_ip=local["provider"]["head_ip"])
+    storage = values["LD3_STORAGE"]
+    assert storage.startswith("/") and values["LD3_CACHE_DIR"] == storage + "/teacher-cache"
+    assert values["MLFLOW_TRACKING_URI"] == f"http://{local['provider']['head_ip']}:{values['LD3_MLFLOW_PORT']}"
+    assert values["PYTHONPATH"] == f"{tmp_path}/ld3"  # the synced checkout is the code that runs
 
 
 def test_setup_writes_shared_storage_and_tracking_uri_for_workers(config, tmp_path):
@@ -150,39 +210,47 @@ def port_answers(port: int) -> bool:
 
 @pytest.mark.timeout(240)
 def test_head_starts_an_mlflow_server_with_a_database_and_artifact_store(config, tmp_path):
-    """The head's MLflow commands, with S3 swapped for a local folder: the server answers, runs land in the
-    SQLite database, artifacts in the artifact destination, and a restart stops the old server."""
+    """cluster/start_mlflow.sh with S3 swapped for a local folder and a head with a public address: the
+    server answers requests addressed to the head, runs land in the SQLite database, artifacts in the
+    artifact destination, and a restart (the next `ray up`) stops the old server."""
     import mlflow
 
     port = free_port()
     storage = tmp_path / "storage"
+    (tmp_path / "ld3").symlink_to(REPO)
     env = base_env(tmp_path) | {"LD3_STORAGE": storage.as_uri(), "LD3_MLFLOW_PORT": str(port),
-                                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow/mlflow.db"}
-    commands = config["head_start_ray_commands"]
-    stop, start, wait = (command_with(commands, "kill"), command_with(commands, "mlflow server"),
-                         command_with(commands, "/health"))
-    assert "--backend-store-uri" in start and "--artifacts-destination" in start and "0.0.0.0" in start
+                                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow/mlflow.db",
+                                "MLFLOW_TRACKING_URI": f"http://192.0.2.2:{port}"}  # not private: allowed explicitly
+    start = command_with(config["head_start_ray_commands"], MLFLOW_SCRIPT)
     pid_file = tmp_path / "mlflow" / "server.pid"
+    first_group = None
     try:
-        run_bash(stop, env)
-        run_bash(start, env)
-        run_bash(wait, env, timeout=150)
+        run_bash(start, env, timeout=200)
+        first_group = int(pid_file.read_text())
         client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         run = client.create_run(client.create_experiment("cluster-check"))
         client.log_param(run.info.run_id, "slack_radius", 0.03)
         client.log_text(run.info.run_id, '{"sigmas": [80.0, 0.002]}', "schedule.json")
         assert (tmp_path / "mlflow" / "mlflow.db").is_file()
         assert list(storage.rglob("schedule.json")), "artifact did not reach the artifact destination"
-        run_bash(stop, env)  # what a second `ray up` does first
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+                                         "?max_results=5", headers={"Host": f"192.0.2.2:{port}"})
+        with urllib.request.urlopen(request, timeout=10) as response:  # as workers address the head
+            assert b"cluster-check" in response.read()
+        run_bash(start, env, timeout=200)  # what a second `ray up` does
+        assert int(pid_file.read_text()) != first_group and port_answers(port)
         for _ in range(50):
-            if not port_answers(port):
+            try:
+                os.killpg(first_group, 0)
+            except ProcessLookupError:
                 break
             time.sleep(0.2)
-        assert not port_answers(port)
+        else:
+            pytest.fail("the restart left the first server running")
     finally:
-        if pid_file.is_file():  # only the process group this test started
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        for group in {first_group, int(pid_file.read_text()) if pid_file.is_file() else None} - {None}:
+            try:  # only the process groups this test started
+                os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -204,7 +272,7 @@ def test_documented_ray_commands_parse_with_the_installed_ray_cli():
     assert {shlex.split(c)[1] for c in commands} >= {"up", "submit", "attach", "dashboard", "rsync-down", "down"}
     for command in commands:
         words = shlex.split(command)
-        assert "ray_cluster.yaml" in words, command
+        assert {"ray_cluster.yaml", "ray_cluster.local.yaml"} & set(words), command
         cli.commands[words[1]].make_context(words[1], words[2:])  # raises on unknown options or arguments
 
 
@@ -230,26 +298,33 @@ def documented_submissions() -> list[tuple[str, list[str]]]:
 def test_documented_study_flags_are_known_to_the_study_cli(config, tmp_path):
     import runpy
 
+    from pipeline.cli import build_parser
+
     values = env_file_values(config, tmp_path, head_ip="10.0.0.1")
     for script, script_args in documented_submissions():
         for name in re.findall(r"\$(\w+)", " ".join(script_args)):
             assert name in values, f"docs use ${name}, which the cluster's environment file does not define"
-        parser = runpy.run_path(str(REPO / script))["SCRIPT"].parser()
+        study = runpy.run_path(str(REPO / script))
+        parser = study["SCRIPT"].parser() if "SCRIPT" in study else build_parser(script)  # the GMM: plain CLI
         parser.parse_args(script_args)  # raises SystemExit on an unknown flag
 
 
-def test_documented_studies_exist_and_their_checkpoints_are_on_every_node(config):
+def test_documented_studies_exist_and_their_checkpoints_are_on_every_node(any_config):
     import runpy
 
     from ld3.models.edm import EDM_RELEASE_URL
 
-    setup = " ".join(config["setup_commands"])
+    assert command_with(any_config["setup_commands"], "~/ld3/cluster/fetch_weights.sh")
+    fetches = (REPO / "cluster" / "fetch_weights.sh").read_text().replace("\\\n", " ")
     for script, _ in documented_submissions():
         assert (REPO / script).is_file(), f"docs submit {script}, which is not in the repository"
-        default = Path(runpy.run_path(str(REPO / script))["SCRIPT"].default_checkpoint)
+        study = runpy.run_path(str(REPO / script))
+        if "SCRIPT" not in study:  # the GMM is built in: no weights
+            continue
+        default = Path(study["SCRIPT"].default_checkpoint)
         # `ray submit` runs the script from the home folder, where the setup puts the file on every node
-        assert f"mkdir -p ~/{default.parent} && cd ~/{default.parent}" in setup
-        assert f"{EDM_RELEASE_URL}{default.name} &&" in setup and f"mv {default.name}.part {default.name}" in setup
+        assert re.search(rf"fetch {re.escape(EDM_RELEASE_URL + default.name)}\s+~/{re.escape(str(default))}\n",
+                         fetches), f"cluster/fetch_weights.sh does not put {default} on the nodes"
 
 
 def test_documented_paths_exist_on_the_head(config):
@@ -257,8 +332,8 @@ def test_documented_paths_exist_on_the_head(config):
 
     home = "/home/" + config["auth"]["ssh_user"]  # `ray submit` runs the study from the home folder
     assert build_parser("docs").get_default("exports_dir") == "exports"
-    rsyncs = [shlex.split(c) for c in documented_commands() if c.startswith("ray rsync-down")]
+    rsyncs = [shlex.split(c) for c in documented_commands()
+              if c.startswith("ray rsync-down ray_cluster.yaml")]
     remote_paths = {words[3] for words in rsyncs}
     assert remote_paths == {f"{home}/exports", f"{home}/mlflow/mlflow.db"}
-    assert "~/mlflow/mlflow.db" in command_with(config["setup_commands"], "MLFLOW_BACKEND_STORE_URI").replace(
-        "$HOME", "~")
+    assert "sqlite:///$HOME/mlflow/mlflow.db" in (REPO / "cluster" / "setup_node.sh").read_text()
