@@ -1,0 +1,109 @@
+"""One driver per study: an exclusive lock file in the study's Tune storage folder, held while the study runs.
+
+Two identical commands started at once would otherwise share the MLflow parent run and the Tune experiment
+(every trial runs twice, the result tables disagree), and on a fresh SQLite database race on its schema
+migration. ``study_lock(storage_dir, study)`` takes ``<storage_dir>/<study>.lock`` with ``fcntl.flock``
+before the study touches MLflow or Tune, writes the holder's PID and host into it, and removes it (and the
+folders it had to create) at the end. The operating system releases the lock of a process that dies, so a
+lock left by a killed study is taken over, with a message naming the dead holder. A storage URI (``s3://``)
+has no file locks; such studies are not guarded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class StudyRunningError(RuntimeError):
+    """Another process holds the study's lock; the message names it."""
+
+
+@contextmanager
+def study_lock(storage_dir: str, study: str) -> Iterator[None]:
+    """Hold ``<storage_dir>/<study>.lock`` for the ``with`` block; StudyRunningError if another process holds it."""
+    if "://" in storage_dir:
+        yield
+        return
+    created = _make_dirs(Path(storage_dir))
+    path = Path(storage_dir) / f"{study}.lock"
+    try:
+        handle = _acquire(path, study)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: a waiting process then sees a fresh file
+        handle.close()
+        _remove_empty(created)
+
+
+def _acquire(path: Path, study: str):
+    """Open-and-lock until the locked file is the one at ``path`` (another holder may unlink it meanwhile)."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(handle)
+            handle.close()
+            raise StudyRunningError(
+                f"study {study!r} is already running ({holder}, lock {path}); wait for it to finish, or stop it "
+                "and rerun this command to resume"
+            ) from None
+        if _is_current(path, handle):
+            break
+        handle.close()
+    previous = _holder(handle)
+    if previous != "holder unknown":
+        log.warning("taking over the lock %s of a study that is no longer running (%s)", path, previous)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    handle.flush()
+    return handle
+
+
+def _is_current(path: Path, handle) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(handle) -> str:
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read())
+        return f"pid {holder['pid']} on {holder['host']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those it created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: the study wrote into it
+            return
