@@ -538,9 +538,10 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), _resources(study))
     if options.resume and tune.Tuner.can_restore(path):
         retry = _retry_errored(path)
-        log.info("resuming Tune experiment at %s%s", path, " (restarting its errored trials)" if retry else "")
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=retry)
-    searcher = OptunaSearch(
+        log.info("resuming Tune experiment at %s%s", path, " (running its errored trials again)" if retry else "")
+        # resume (not restart) keeps the trial ids, so a rerun trial's MLflow run supersedes its earlier one
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry)
+    searcher = _RestartableOptunaSearch(
         space=study.search.suggest, metric=OBJECTIVE, mode="min",
         points_to_evaluate=[reference_point(study.trainer, study.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=max(2, study.num_trials // 3)),
@@ -558,6 +559,24 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions) -> tune.Tuner:
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=options.verbose,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
+
+
+class _RestartableOptunaSearch(OptunaSearch):
+    """OptunaSearch that lets an errored trial run again on resume (``resume_errored``) quietly: Optuna closed its
+    trial as failed when it errored, and plain OptunaSearch logs a warning with the whole result at every report
+    (or, for a trial it does not know, ends the search with a KeyError). Such reports reach Tune and ASHA;
+    Optuna's sampler does not learn from them."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._is_open(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._is_open(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+    def _is_open(self, trial_id: str) -> bool:
+        return trial_id in self._ot_trials and trial_id not in self._completed_trials
 
 
 def _retry_errored(path: str) -> bool:
