@@ -18,8 +18,16 @@ from dataclasses import replace
 
 from pipeline.cache_store import CacheCorruptError
 from pipeline.evaluate import EvaluationConfig, format_evaluation_table
-from pipeline.study import (SolverChoice, StudyConfig, StudyError, StudyOptions, StudyResult, format_table,
-                            incomplete_cells, run_study)
+from pipeline.study import (
+    SolverChoice,
+    StudyConfig,
+    StudyError,
+    StudyOptions,
+    StudyResult,
+    format_table,
+    incomplete_cells,
+    run_study,
+)
 from pipeline.study_lock import StudyRunningError
 from pipeline.teacher_cache import TeacherGenerationError
 from pipeline.tracking import TrackingError
