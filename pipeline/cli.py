@@ -178,10 +178,10 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(report(result))
-    return _exit_code(result)
+    return exit_code(result)
 
 
-def _exit_code(result: StudyResult) -> int:
+def exit_code(result: StudyResult) -> int:
     """0 when every cell exported a schedule; otherwise 1 and a line naming the cells without one."""
     missing = incomplete_cells(result.cells)
     if missing:
