@@ -113,13 +113,14 @@ def _check_trial_runs_match_tune(tracking_uri: str, work: Path) -> None:
         assert len(steps) == len(set(steps)), f"run {run.info.run_id} logged a val_loss step twice"
 
 
+@pytest.mark.slow
 def test_study_killed_with_sigkill_during_trials_resumes_without_orphan_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     db = work / "mlflow.db"
     uri = f"sqlite:///{db}"
     env = _env(tmp_path)
-    command = _study_command(work, uri, "--num-samples", "4")
+    command = _study_command(work, uri)
     first = _start(command, work / "first.log", env)
     try:
         _wait_for(lambda: _trial_runs_in_db(db, "RUNNING") > 0, 240, "a running trial", first)
@@ -155,6 +156,7 @@ def test_study_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path,
     assert not lock.exists() and storage.exists()
 
 
+@pytest.mark.slow
 def test_a_second_identical_study_is_refused_while_the_first_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -165,7 +167,9 @@ def test_a_second_identical_study_is_refused_while_the_first_runs(tmp_path):
     first = _start(command, work / "first.log", env)
     try:
         _wait_for(lambda: lock.exists() and lock.read_text(), 120, "the first study's lock", first)
+        started = time.monotonic()
         second = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        print(f"the second study was refused after {time.monotonic() - started:.1f} s")
         first.wait(timeout=400)
     finally:
         _kill_group(first)
@@ -211,6 +215,7 @@ def _start_tracking_server(work: Path, port: int, env: dict[str, str], log_name:
     return server
 
 
+@pytest.mark.slow
 def test_tracking_server_killed_during_a_trial_stops_the_study_and_a_rerun_completes_it(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
