@@ -18,14 +18,24 @@ from dataclasses import replace
 
 from pipeline.cache_store import CacheCorruptError
 from pipeline.evaluate import EvaluationConfig, format_evaluation_table
-from pipeline.study import SolverChoice, StudyConfig, StudyError, StudyOptions, StudyResult, format_table, run_study
+from pipeline.study import (
+    SolverChoice,
+    StudyConfig,
+    StudyError,
+    StudyOptions,
+    StudyResult,
+    format_table,
+    incomplete_cells,
+    run_study,
+)
+from pipeline.study_lock import StudyRunningError
 from pipeline.teacher_cache import TeacherGenerationError
 from pipeline.tracking import TrackingError
 
 ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
 # Errors that mean "fix your input or environment": reported in one line, exit code 2.
 USER_ERRORS = (ValueError, StudyError, TrackingError, TeacherGenerationError, CacheCorruptError,
-               FileNotFoundError, PermissionError, ConnectionError)
+               FileNotFoundError, PermissionError, ConnectionError, StudyRunningError)
 
 
 def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
@@ -183,8 +193,8 @@ def _quiet_libraries() -> None:
 
 def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | None = None,
          parser: argparse.ArgumentParser | None = None, defaults: StudyConfig | None = None) -> int:
-    """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2.
-    ``defaults``: the script's study, whose values ``--help`` shows."""
+    """Parse flags, run the study, print the report; bad input -> one line on stderr and exit code 2; a cell
+    without a finished trial (no export) -> exit code 1. ``defaults``: the script's study, whose values ``--help`` shows."""
     parser = parser or build_parser(description, defaults)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -201,7 +211,17 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(report(result))
-    return 0
+    return exit_code(result)
+
+
+def exit_code(result: StudyResult) -> int:
+    """0 when every cell exported a schedule; otherwise 1 and a line naming the cells without one."""
+    missing = incomplete_cells(result.cells)
+    if missing:
+        print(f"error: no trial finished (ok/stopped/failed) in {missing}; the MLflow trial runs' 'failure' tags "
+              "say why; rerun the same command to retry trials that failed for another reason than diverging",
+              file=sys.stderr)
+    return 1 if missing else 0
 
 
 def study_names() -> list[str]:

@@ -54,9 +54,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, timeout: float | None = None, poll_s: float = 0.05) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, timeout: float | None = None, poll_s: float = 0.05) -> Iterator[int]:
     """Hold an OS lock (``flock``) on the file ``path`` and delete the file on release, so no lock file outlives
-    its holder.
+    its holder; yields the locked file's descriptor (to record the holder in it, say).
 
     Deleting a lock file is safe only if every taker checks, once it holds the lock, that the file it locked is
     still the one at ``path`` (a waiter may have opened the old file just before it was deleted); a taker
@@ -76,7 +76,7 @@ def exclusive_lock(path: str | os.PathLike, timeout: float | None = None, poll_s
             raise
         os.close(fd)  # the file was replaced after we opened it: lock the new one
     try:
-        yield
+        yield fd
     finally:
         os.unlink(path)  # while still holding the lock: waiters then see another inode (or none) and retry
         os.close(fd)

@@ -27,7 +27,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import ray
@@ -44,7 +44,7 @@ from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
-from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, train_ld3
+from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
@@ -56,8 +56,9 @@ from pipeline.models import LoadedModel, ModelSpec
 from pipeline.progress import StudyProgress
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
+from pipeline.study_lock import study_lock
 from pipeline.tracking import (TAG_BEST, TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger,
-                               failure_reason, plot_learned_vs_baseline)
+                               failure_reason, mlflow_retry_env, plot_learned_vs_baseline, tracking_outage)
 
 log = logging.getLogger(__name__)
 
@@ -562,9 +563,11 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions, callbacks: Sequen
     study = ctx.study
     trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), _resources(study))
     if options.resume and tune.Tuner.can_restore(path):
-        log.info("resuming Tune experiment at %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    searcher = OptunaSearch(
+        retry = _retry_errored(path)
+        log.info("resuming Tune experiment at %s%s", path, " (running its errored trials again)" if retry else "")
+        # resume (not restart) keeps the trial ids, so a rerun trial's MLflow run supersedes its earlier one
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry)
+    searcher = _RestartableOptunaSearch(
         space=study.search.suggest, metric=OBJECTIVE, mode="min",
         points_to_evaluate=[reference_point(study.trainer, study.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=max(2, study.num_trials // 3)),
@@ -589,6 +592,35 @@ def _tuner(ctx: CellContext, path: str, options: StudyOptions, callbacks: Sequen
 def _is_finished(result: tune.Result) -> bool:
     # Only a trial that ran to its end reports final_val_loss (Tune also marks early-stopped trials "done").
     return result.error is None and bool(result.metrics) and "final_val_loss" in result.metrics
+
+
+class _RestartableOptunaSearch(OptunaSearch):
+    """OptunaSearch that lets an errored trial run again on resume (``resume_errored``) quietly: Optuna closed its
+    trial as failed when it errored, and plain OptunaSearch logs a warning with the whole result at every report
+    (or, for a trial it does not know, ends the search with a KeyError). Such reports reach Tune and ASHA;
+    Optuna's sampler does not learn from them."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._is_open(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._is_open(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+    def _is_open(self, trial_id: str) -> bool:
+        return trial_id in self._ot_trials and trial_id not in self._completed_trials
+
+
+def _retry_errored(path: str) -> bool:
+    """Whether a trial of the saved experiment errored for another reason than diverging (e.g. the tracking server
+    went away): then resuming restarts the errored trials. Diverged trials alone would only diverge again."""
+    results = tune.ResultGrid(tune.ExperimentAnalysis(path))
+    return any(r.error is not None and not _diverged(r.error) for r in results)
+
+
+def _diverged(error: BaseException) -> bool:
+    return isinstance(error, TrainingDiverged) or isinstance(getattr(error, "cause", None), TrainingDiverged)
 
 
 def _summarise_trials(results: tune.ResultGrid) -> tuple[dict[str, Any] | None, dict[str, int]]:
@@ -705,6 +737,12 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
     if study.evaluation is not None:
         check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
+    with study_lock(options.storage_dir, study.name):  # one driver per study: a second one is refused
+        return _run_locked(study, options)
+
+
+def _run_locked(study: StudyConfig, options: StudyOptions) -> StudyResult:
+    os.environ.update(mlflow_retry_env())  # this driver's and its in-process Ray workers' MLflow calls
     tracker = StudyTracker.open(study.name, tracking_uri=options.tracking_uri, default_dir=options.work_dir,
                                 resume=options.resume, params=_study_params(study),
                                 tags={"model": study.model.model_id})
@@ -715,7 +753,7 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
             # No address: always a fresh in-process instance ("local"), never an unrelated cluster on this machine.
             ray.init(address=options.address or "local", num_cpus=options.num_cpus if options.address is None else None,
                      include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     runtime_env={"env_vars": {TRUST_ENV_VAR: "1"}} if code_trusted() else None)  # cluster workers too
+                     runtime_env={"env_vars": _worker_env()})  # cluster workers too
         entry = TeacherCache(options.cache_dir).get_or_generate(study.model, study.teacher)
         tracker.set_tags({"teacher_cache_key": entry.key, "teacher_cache_uri": entry.uri})
         contexts = [_cell_context(study, options, tracker, entry, solver, nfe)
@@ -729,16 +767,56 @@ def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> Stu
             progress.close()
         _log_summary(tracker, cells)
         evaluation = None if study.evaluation is None else evaluate_study(study, cells, tracker)
-        status = "FINISHED"
+        status = _final_status(tracker, cells)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:
+        _reraise(err, tracker)
     finally:
-        tracker.end(status)
+        _end_parent(tracker, status)
         if started_ray:
             ray.shutdown()
     return StudyResult(study.name, study.model.model_id, cells, entry.hit, tracker.tracking_uri, tracker.experiment_id,
                        tracker.run_id, entry.uri, str(study_exports_dir(options.exports_dir, study.name)), evaluation)
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment of the study's Ray workers: MLflow's short HTTP retry budget, the checkpoint-code opt-in."""
+    return {**mlflow_retry_env(), **({TRUST_ENV_VAR: "1"} if code_trusted() else {})}
+
+
+def _final_status(tracker: StudyTracker, cells: Sequence[CellResult]) -> str:
+    """FINISHED when every cell exported a schedule; otherwise FAILED, tagged with the cells without one."""
+    missing = incomplete_cells(cells)
+    if not missing:
+        return "FINISHED"
+    tracker.set_tags({"failure": f"no trial finished in {missing}"})
+    return "FAILED"
+
+
+def incomplete_cells(cells: Sequence[CellResult]) -> str:
+    """The cells without a finished trial (their export is a baseline grid), e.g. ``"ipndm-o4 NFE 4 (0/1/1)"``; '' if none."""
+    return ", ".join(f"{c.solver.label} NFE {c.nfe} ({c.trials['finished']}/{c.trials['stopped']}/{c.trials['failed']})"
+                     for c in cells if c.best is None)
+
+
+def _reraise(err: Exception, tracker: StudyTracker) -> NoReturn:
+    """Raise ``err`` again, or, when the tracking server stopped answering, one clear TrackingError instead."""
+    outage = tracking_outage(tracker.tracking_uri)
+    if outage is None:
+        raise err
+    raise outage from err
+
+
+def _end_parent(tracker: StudyTracker, status: str) -> None:
+    """End the parent run; when the study has already failed, failing to record that must not hide why."""
+    try:
+        tracker.end(status)
+    except Exception as err:
+        if status == "FINISHED":
+            _reraise(err, tracker)
+        log.warning("could not mark the MLflow parent run %s %s: %s", tracker.run_id, status, err)
 
 
 def _study_params(study: StudyConfig) -> dict[str, Any]:

@@ -41,6 +41,10 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_FILE = "mlflow.db"
 LOCAL_ARTIFACTS_DIR = "mlartifacts"  # next to the SQLite file, so a local study is one folder
 PROBE_TIMEOUT_S = 5.0
+# MLflow's HTTP client retries a refused request 7 times with waits doubling up to 2 minutes; a study allows
+# 3 retries within about 10 s (mlflow.environment_variables), so that an outage is noticed promptly.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 TAG_KIND = "kind"
 TAG_STUDY = "study"
@@ -49,6 +53,7 @@ TAG_CODE_VERSION = "code_version"
 TAG_FAILURE = "failure"  # why a FAILED run failed (always set on FAILED trial runs)
 TAG_BEST = "best"  # "true" on the run whose schedule a study exported for its cell
 TAG_STOPPED_BY = "stopped_by"  # who stopped a KILLED trial run early ("asha")
+TAG_SUPERSEDED_BY = "superseded_by"  # on a trial's run when Tune restarted the trial: the id of its new run
 IDENTITY_KEYS = ("model", "solver", "order", "nfe", "teacher_cache_key")
 RUN_KINDS = ("trial", "baseline")
 # MLflow 3's UI opens an experiment on its GenAI overview unless this experiment tag says it is model training.
@@ -131,6 +136,24 @@ def failure_reason(err: BaseException) -> str:
     """One line for the ``failure`` tag: the exception's type and the first line of its message."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+def mlflow_retry_env() -> dict[str, str]:
+    """MLflow's HTTP retry budget for a study's processes: about 10 s of retries (MLflow's default is minutes), so
+    an outage of the tracking server stops the study promptly. Values already in the environment win."""
+    return {name: os.environ.get(name, default) for name, default in HTTP_RETRY_DEFAULTS.items()}
+
+
+def tracking_outage(tracking_uri: str) -> TrackingError | None:
+    """The error to report when ``tracking_uri`` is a tracking server that does not answer (now); else None."""
+    if urllib.parse.urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return None
+    try:
+        _probe_server(tracking_uri, PROBE_TIMEOUT_S)
+    except TrackingError:
+        return TrackingError(f"tracking server {tracking_uri} stopped answering during the study; restart it and "
+                             "rerun the same command to resume")
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -265,6 +288,8 @@ class _RunLogger:
             for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=chunk)
         except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":  # e.g. the server did not answer: not a changed value
+                raise
             raise ValueError(
                 f"params of run {self.run_id} differ from the values it was started with ({_first_line(err)}); "
                 "resume only with the same configuration, or start a new run (resume=False / another study name)"
@@ -418,8 +443,10 @@ class TrialLogger(_RunLogger):
         flush_every: int = 200,
         flush_interval_s: float = 10.0,
     ) -> "TrialLogger":
-        """Open the nested run identified by (kind, key, model, solver, order, nfe), reusing it if a
-        resumed study already has one. ``key`` is the trial id or the baseline name.
+        """Open the nested run identified by (kind, key, model, solver, order, nfe). ``key`` is the trial id or
+        the baseline name. A baseline reuses its run from an earlier attempt of a resumed study; a trial that
+        Tune restarted from scratch gets a new run, and its earlier run is marked KILLED with tag
+        ``superseded_by`` (so no metric step is logged twice and every current run is one Tune trial).
 
         Identity and ``params`` (all hyperparameters, nested configs flattened) are logged as params;
         identity, ``kind``, ``study`` and ``run_key`` as tags.
@@ -436,13 +463,16 @@ class TrialLogger(_RunLogger):
         run_tags = {MLFLOW_PARENT_RUN_ID: context.parent_run_id, TAG_STUDY: context.study, TAG_KIND: kind,
                     TAG_RUN_KEY: key, **identity_params, **{k: str(v) for k, v in (tags or {}).items()}}
         client = context.client()
-        existing = _search_all(client, context.experiment_id, _identity_filter(context, run_tags), max_results=1)
+        found = _search_all(client, context.experiment_id, _identity_filter(context, run_tags), max_results=1)
+        existing = found if kind == "baseline" else []  # a restarted trial starts again at step 0: a new run
         if existing:
             run_id = existing[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
             name = f"{solver}-o{order} nfe{nfe} {key} {kind}"  # short; the end says trial or baseline
             run_id = client.create_run(context.experiment_id, run_name=name, tags=run_tags).info.run_id
+            if found:
+                _supersede(client, found[0].info.run_id, run_id)
         title = f"{model} · {solver} order {order} · NFE {nfe} · {kind} {key}"
         logger = cls(client, run_id, resumed=bool(existing), title=title,
                      flush_every=flush_every, flush_interval_s=flush_interval_s)
@@ -455,6 +485,12 @@ class TrialLogger(_RunLogger):
         """Flush the per-step history, then log end-of-run metrics at the last step (sent at once)."""
         self.log_metrics(metrics, self.last_step)
         self.flush()
+
+
+def _supersede(client: MlflowClient, old_run_id: str, new_run_id: str) -> None:
+    """An earlier run of a trial that Tune restarted from scratch: KILLED, tagged with the run replacing it."""
+    client.set_tag(old_run_id, TAG_SUPERSEDED_BY, new_run_id)
+    client.set_terminated(old_run_id, status="KILLED")
 
 
 def _check_kind(kind: str) -> str:

@@ -18,6 +18,7 @@ from ld3.losses import get_loss
 from ld3.models.gmm import default_gmm
 from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
+from pipeline.cli import exit_code
 from pipeline.export import load_schedule
 from pipeline.models import LoadedModel, ModelSpec, register_model_builder
 from pipeline.study import SearchSpace, StudyConfig, StudyOptions, format_table, run_study
@@ -130,7 +131,7 @@ def _nan_model(*, device, dtype) -> LoadedModel:
     return LoadedModel(denoiser=denoiser, schedule=EDMSchedule(), shape=gmm.shape)
 
 
-def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray, tmp_path):
+def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray, tmp_path, capsys):
     register_model_builder("nan-gmm-test", _nan_model, replace=True)
     study = smoke_config(name="nan-study", model=ModelSpec("nan-gmm-test", "nan-gmm"), num_trials=2)
     result = run_study(study, options(tmp_path))
@@ -142,7 +143,17 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_study_goes_on(local_ray
     runs = client.search_runs([result.experiment_id], "tags.kind = 'trial'")
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("NaN" in r.data.tags.get("failure", "") for r in runs)
-    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    parent = client.get_run(result.parent_run_id)  # no schedule exported: the study is not a success
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failure"] == "no trial finished in unipc_bh1-o3 NFE 4 (0/0/2)"
+    # Resuming does not restart trials that diverged (they would only diverge again).
+    again = run_study(study, options(tmp_path))
+    assert again.cells[0].trials["failed"] == 2
+    capsys.readouterr()
+    assert exit_code(again) == 1  # what the command line returns, after this line
+    assert capsys.readouterr().err.startswith("error: no trial finished (ok/stopped/failed) in unipc_bh1-o3 NFE 4 (0/0/2);")
+    runs_after = client.search_runs([result.experiment_id], "tags.kind = 'trial'")
+    assert {r.info.run_id for r in runs_after} == {r.info.run_id for r in runs}
 
 
 def test_a_learned_schedule_that_loses_is_not_exported_as_the_winner(local_ray, tmp_path):

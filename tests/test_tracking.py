@@ -134,18 +134,23 @@ def test_exception_marks_run_failed(tracking_dir, client):
 def test_resume_finds_the_interrupted_parent_and_trials(tracking_dir, client):
     first = StudyTracker.open("resumable", default_dir=tracking_dir, params={"num_samples": 4})
     trial = TrialLogger.start(first.context, kind="trial", key="t7", **IDENTITY)
+    baseline = TrialLogger.start(first.context, kind="baseline", key="edm_rho", **IDENTITY)
     trial.log_metrics({"loss": 1.0}, step=0)
-    trial.flush()  # the driver dies here: parent and trial stay RUNNING
+    trial.flush()  # the driver dies here: parent, trial and baseline stay RUNNING
 
     resumed = StudyTracker.open("resumable", default_dir=tracking_dir, params={"num_samples": 4})
     assert resumed.resumed and resumed.run_id == first.run_id
     assert client.get_run(trial.run_id).info.status == "KILLED"
     again = TrialLogger.start(resumed.context, kind="trial", key="t7", **IDENTITY)
-    assert again.resumed and again.run_id == trial.run_id
-    assert client.get_run(trial.run_id).info.status == "RUNNING"
+    assert not again.resumed and again.run_id != trial.run_id  # Tune restarts the trial at step 0: a new run
+    superseded = client.get_run(trial.run_id)
+    assert superseded.info.status == "KILLED" and superseded.data.tags["superseded_by"] == again.run_id
+    baseline_again = TrialLogger.start(resumed.context, kind="baseline", key="edm_rho", **IDENTITY)
+    assert baseline_again.resumed and baseline_again.run_id == baseline.run_id
+    assert client.get_run(baseline.run_id).info.status == "RUNNING"
     same_key_other_nfe = TrialLogger.start(resumed.context, kind="trial", key="t7", **{**IDENTITY, "nfe": 8})
     assert not same_key_other_nfe.resumed
-    assert len(resumed.child_runs(kind="trial")) == 2
+    assert len(resumed.child_runs(kind="trial")) == 3
 
     with pytest.raises(ValueError, match="resume only with the same configuration"):
         StudyTracker.open("resumable", default_dir=tracking_dir, params={"num_samples": 5})
