@@ -198,7 +198,7 @@ def bench_teacher(net: torch.nn.Module, batch_sizes: list[int], device: torch.de
             x = sigmas[0].float() * torch.randn(batch, *denoiser.shape, device=device)
             row = {"precision": precision, "batch": batch}
             for name, solver in (("eager", unipc_bh1), ("graph", graphed)):
-                solve = lambda: solver(denoiser, x, sigmas, order=TEACHER["order"])  # noqa: B023
+                solve = lambda: solver(denoiser, x, sigmas, order=TEACHER["order"])  # noqa: B023, E731
                 row[f"{name}_per_s"] = batch * TEACHER["nfe"] / median_seconds(solve, device, min_time)
             if device.type == "cuda":
                 eager, replayed = unipc_bh1(denoiser, x, sigmas, order=3), graphed(denoiser, x, sigmas, order=3)

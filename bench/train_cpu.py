@@ -29,8 +29,8 @@ import torch
 from ld3.discretizations import BASELINES, edm_rho
 from ld3.losses import l2_loss
 from ld3.models.gmm import default_gmm
-from ld3.schedules import EDMSchedule
 from ld3.sampling import sample, schedule_loss
+from ld3.schedules import EDMSchedule
 from ld3.solvers import solver_steps_for_nfe
 from ld3.train import LD3Config, TeacherData, train_ld3
 from ld3.utils import atomic_write_bytes, latents_from_seeds

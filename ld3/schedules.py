@@ -213,12 +213,12 @@ class VPDiscreteSchedule(NoiseSchedule):
         return {**self.__dict__, "_tables": {}}  # device copies are a cache: never pickled
 
     @classmethod
-    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> "VPDiscreteSchedule":
+    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> VPDiscreteSchedule:
         """DDPM's linear betas (Ho et al. 2020)."""
         return cls(betas=torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000) -> "VPDiscreteSchedule":
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000) -> VPDiscreteSchedule:
         """Latent diffusion / Stable Diffusion's "scaled_linear" betas (linear in sqrt(beta))."""
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         return cls(betas=b)

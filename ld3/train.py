@@ -134,11 +134,11 @@ class LD3Config:
             raise ValueError(f"LD3Config.init_prior must be a baseline name or a tuple of σ values, got {type(prior).__name__}")
 
     @classmethod
-    def for_latent_model(cls, **overrides) -> "LD3Config":
+    def for_latent_model(cls, **overrides) -> LD3Config:
         """The reference recipe for latent/SD models: lr2 = 0.001 / N, 3 phase-2 rounds, batch 1."""
         return cls(**{"lr2_coef": 0.001, "rounds_v2": 3, "train_batch_size": 1, **overrides})
 
-    def derive(self, n_steps: int, latent_shape: Sequence[int]) -> "DerivedHyperparameters":
+    def derive(self, n_steps: int, latent_shape: Sequence[int]) -> DerivedHyperparameters:
         """Values the config leaves to N and the latent size (docs/method.md#defaults-and-derived-values)."""
         size = math.prod(latent_shape)
         radius = self.slack_coef * size / n_steps**2 if self.slack_radius is None else self.slack_radius

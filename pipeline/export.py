@@ -188,7 +188,7 @@ class ExportedSchedule:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, document: Any) -> "ExportedSchedule":
+    def from_dict(cls, document: Any) -> ExportedSchedule:
         """Validate a parsed export (schema version, keys, lengths, monotonicity) and build it."""
         _require(isinstance(document, dict), "document", "must be a JSON object")
         document = dict(document)
@@ -378,7 +378,7 @@ def save_export(
     exported: ExportedSchedule,
     exports_dir: str | os.PathLike,
     *,
-    tracker: "StudyTracker | TrialLogger | None" = None,
+    tracker: StudyTracker | TrialLogger | None = None,
 ) -> Path:
     """Write ``exported`` atomically to ``exports_dir/<file_name>`` (replacing an earlier export of the same
     model/solver/order/NFE) and, with ``tracker``, log the file to its run under ``exports/``."""
@@ -486,7 +486,7 @@ def save_best_export(
     exports_dir: str | os.PathLike,
     *,
     metric: str = "final_val_loss",
-    tracker: "StudyTracker | TrialLogger | None" = None,
+    tracker: StudyTracker | TrialLogger | None = None,
 ) -> SaveOutcome:
     """Like ``save_export``, but an existing file of the same cell whose ``metric`` on the same teacher data is
     at least as good is kept (the new one is not written); the outcome says what happened and why."""

@@ -30,7 +30,7 @@ class StudyProgress:
     _last_draw: float = float("-inf")
     _width: int = 0
 
-    def cell(self, index: int, label: str, baseline_loss: float) -> "CellProgress":
+    def cell(self, index: int, label: str, baseline_loss: float) -> CellProgress:
         """The Tune callback of cell ``index`` (0-based) named ``label`` whose best baseline scores ``baseline_loss``."""
         return CellProgress(self, index, label, baseline_loss)
 

@@ -43,22 +43,33 @@ from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
-from ld3.solvers import SOLVERS, nfe as solver_nfe, solver_steps_for_nfe
+from ld3.solvers import SOLVERS, solver_steps_for_nfe
+from ld3.solvers import nfe as solver_nfe
 from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
+from pipeline.cache_store import resolve_root
 from pipeline.devices import placement_tags, worker_device
 from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
-from pipeline.cache_store import resolve_root
 from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.fileio import check_writable_dir
 from pipeline.halving import BatchedSuccessiveHalving
 from pipeline.models import LoadedModel, ModelSpec
 from pipeline.progress import StudyProgress
+from pipeline.study_lock import study_lock
 from pipeline.teacher import TeacherConfig
 from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
-from pipeline.study_lock import study_lock
-from pipeline.tracking import (TAG_BEST, TAG_FAILURE, TAG_STOPPED_BY, StudyTracker, TrackingContext, TrialLogger,
-                               failure_reason, mlflow_retry_env, plot_learned_vs_baseline, tracking_outage)
+from pipeline.tracking import (
+    TAG_BEST,
+    TAG_FAILURE,
+    TAG_STOPPED_BY,
+    StudyTracker,
+    TrackingContext,
+    TrialLogger,
+    failure_reason,
+    mlflow_retry_env,
+    plot_learned_vs_baseline,
+    tracking_outage,
+)
 
 log = logging.getLogger(__name__)
 

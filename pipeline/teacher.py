@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ld3.discretizations import get_baseline
 from ld3.sampling import solve_from_latents
-from ld3.solvers import solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
+from ld3.solvers import solver_steps_for_nfe
 from ld3.utils import latents_from_seeds
 
 from .models import ConditionValue, Denoiser, LoadedModel

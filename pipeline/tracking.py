@@ -380,7 +380,7 @@ class StudyTracker(_RunLogger):
         params: Mapping[str, Any] | Any | None = None,
         tags: Mapping[str, Any] | None = None,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
-    ) -> "StudyTracker":
+    ) -> StudyTracker:
         """Check the backend, get experiment ``study``, and resume its latest parent run (``resume=True``)
         or start a new one. Unfinished nested runs of a resumed study are marked KILLED."""
         _check_name(study, "study")
@@ -442,7 +442,7 @@ class TrialLogger(_RunLogger):
         tags: Mapping[str, Any] | None = None,
         flush_every: int = 200,
         flush_interval_s: float = 10.0,
-    ) -> "TrialLogger":
+    ) -> TrialLogger:
         """Open the nested run identified by (kind, key, model, solver, order, nfe). ``key`` is the trial id or
         the baseline name. A baseline reuses its run from an earlier attempt of a resumed study; a trial that
         Tune restarted from scratch gets a new run, and its earlier run is marked KILLED with tag

@@ -110,7 +110,9 @@ def test_dmn_reaches_the_reference_optimiser_s_minimum():
 
     n = 4
     start, end = -math.log(EDM.sigma_max), -math.log(EDM.sigma_min)
-    objective = lambda v: float(dmn_objective(torch.tensor(np.concatenate([[start], v, [end]])), 1.0))
+    def objective(v):
+        return float(dmn_objective(torch.tensor(np.concatenate([[start], v, [end]])), 1.0))
+
     ordered = np.eye(n, n - 1) - np.eye(n, n - 1, -1)  # lambda_1 - lambda_T >= 0, ..., lambda_eps - lambda_{N-1} >= 0
     bounds = np.r_[start, np.zeros(n - 2), -end]
     reference = minimize(objective, -logsnr_uniform(n, EDM).log().numpy()[1:-1], method="trust-constr",
@@ -203,7 +205,9 @@ def test_cell_baselines_times_every_available_grid(gmm_cells):
     timed = cell_baselines(4, EDM, gmm, gits_z)
     assert sorted(timed) == sorted(["time_uniform", "time_quadratic", "logsnr_uniform", "edm_rho", "dmn", "gits"])
     assert all(grid.cost_s >= 0 and grid.sigmas.shape == (5,) for grid in timed.values())
-    zero_denoiser = lambda x, sigma, cond=None: torch.zeros_like(x)
+    def zero_denoiser(x, sigma, cond=None):
+        return torch.zeros_like(x)
+
     sd_cell = cell_baselines(4, SD, zero_denoiser, torch.randn(2, 4, 2, 2, dtype=torch.float64), ays_model="sd15",
                              latent=True, gits_config=GITSConfig(fine_steps=8))
     torch.testing.assert_close(sd_cell["ays_sd15"].sigmas, ays(4, SD, "sd15"), rtol=0, atol=0)

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ld3.digits.checkpoint import CLASSIFIER_FILE, DENOISER_FILE, SHIPPED, CheckpointDigestError, load_weights, shipped_path
+from ld3.digits.checkpoint import (
+    CLASSIFIER_FILE,
+    DENOISER_FILE,
+    SHIPPED,
+    CheckpointDigestError,
+    load_weights,
+    shipped_path,
+)
 from ld3.digits.data import HELD_OUT, N_CLASSES, SHAPE, load_split
 from ld3.digits.denoiser import DigitsDenoiser, load_digits_denoiser
 from ld3.digits.quality import DigitsQuality

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ld3.models.gmm import GaussianMixture, default_gmm
 from ld3.metrics import gaussian_moments
+from ld3.models.gmm import GaussianMixture, default_gmm
 
 
 @pytest.fixture(scope="module")

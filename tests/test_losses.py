@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from ld3.losses import LOSS_NAMES, LPIPSLoss, MissingWeightsError, get_loss, l1_loss, l2_loss, lpips_backbone_weights_path
+from ld3.losses import (
+    LOSS_NAMES,
+    LPIPSLoss,
+    MissingWeightsError,
+    get_loss,
+    l1_loss,
+    l2_loss,
+    lpips_backbone_weights_path,
+)
 
 
 def test_l2_and_l1_are_per_sample_means():

@@ -71,7 +71,7 @@ class GaussianMixture:
     def device(self) -> torch.device:
         return self.means.device
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GaussianMixture":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianMixture:
         """A copy on another device/dtype (weights stay exact: recomputed from log-weights)."""
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         classes = None if self.classes is None else self.classes.to(device=device)
