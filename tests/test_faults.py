@@ -318,7 +318,7 @@ def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(loc
     *before, last = capsys.readouterr().err.strip().splitlines()  # before: MLflow's own log lines
     assert last.startswith("error: cached file ") and str(part) in last, last
     assert not any(line.startswith(("error", "Traceback")) or "ray::" in line for line in before), before
-    assert not list(work.rglob("*.json.tmp")) and not list((work / "exports").glob("*.json"))  # nothing exported
+    assert not list(work.rglob("*.json.tmp")) and not list((work / "exports").rglob("*.json"))  # nothing exported
 
 
 # ---- F: bad study input: exit code 2, one error line, nothing written ----------------------------------------------

@@ -132,7 +132,7 @@ def test_study_killed_with_sigkill_during_trials_resumes_without_orphan_runs(tmp
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     lock = work / "tune" / f"{STUDY}.lock"  # left by the killed driver, taken over with a message
     assert f"taking over the lock {lock} of a study that is no longer running (pid {first.pid} on" in second.stderr
-    assert list((work / "exports").glob("*.json")) and not lock.exists()
+    assert list((work / "exports").rglob("*.json")) and not lock.exists()
     _check_trial_runs_match_tune(uri, work)
 
 
@@ -250,7 +250,7 @@ def test_tracking_server_killed_during_a_trial_stops_the_study_and_a_rerun_compl
         assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
         row = next(line for line in rerun.stdout.splitlines() if line.startswith("unipc_bh1-o3"))
         assert row.split()[-1].endswith("/0"), row  # trials ok/stopped/failed: none failed
-        assert len(list((work / "exports").glob("*.json"))) == 1
+        assert len(list((work / "exports").rglob("*.json"))) == 1
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
