@@ -23,7 +23,7 @@ from ld3.digits.denoiser import load_digits_denoiser
 from ld3.digits.quality import DigitsQuality
 from ld3.sampling import sample
 from ld3.utils import latents_from_seeds
-from pipeline.export import load_schedule
+from pipeline.recording.exports import load_schedule
 
 SEED_BASE = 3_000_000
 

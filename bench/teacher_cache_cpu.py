@@ -33,9 +33,9 @@ from dataclasses import replace
 import ray
 import torch
 
-from pipeline.models import ModelSpec, gmm_spec
-from pipeline.teacher import TeacherConfig, solve_teacher
-from pipeline.teacher_cache import TeacherCache
+from pipeline.models.registry import ModelSpec, gmm_spec
+from pipeline.teacher.cache import TeacherCache
+from pipeline.teacher.solve import TeacherConfig, solve_teacher
 
 
 def in_process_seconds(spec: ModelSpec, config: TeacherConfig) -> float:

@@ -16,9 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from pipeline.cache_store import CacheCorruptError
-from pipeline.evaluate import EvaluationConfig, format_evaluation_table
-from pipeline.study import (
+from pipeline.driver import (
     SolverChoice,
     StudyConfig,
     StudyError,
@@ -28,9 +26,11 @@ from pipeline.study import (
     incomplete_cells,
     run_study,
 )
+from pipeline.evaluation.sampling import EvaluationConfig, format_evaluation_table
+from pipeline.recording.tracking import TrackingError
 from pipeline.study_lock import StudyRunningError
-from pipeline.teacher_cache import TeacherGenerationError
-from pipeline.tracking import TrackingError
+from pipeline.teacher.cache import TeacherGenerationError
+from pipeline.teacher.store import CacheCorruptError
 
 ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
 # Errors that mean "fix your input or environment": reported in one line, exit code 2.

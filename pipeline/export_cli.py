@@ -21,7 +21,8 @@ from typing import Any
 
 from ld3.solvers.base import check_order
 from ld3.solvers.registry import get_spec
-from pipeline.export import (
+from pipeline.fileio import atomic_write_text, ensure_writable_dir
+from pipeline.recording.exports import (
     DIFFUSERS_TIME_SCHEDULES,
     INTERPOLATED_MODE,
     ExportedSchedule,
@@ -29,7 +30,6 @@ from pipeline.export import (
     load_schedule,
     native_schedule,
 )
-from pipeline.fileio import atomic_write_text, ensure_writable_dir
 
 # format name -> (file suffix, the text written for an export; ``ignore`` drops the decoupling)
 FORMATS: dict[str, tuple[str, Callable[[ExportedSchedule, bool], str]]] = {
@@ -70,7 +70,7 @@ def grid_table(exported: ExportedSchedule) -> str:
 
 
 def _show(args: argparse.Namespace) -> str:
-    from pipeline.tracking import (
+    from pipeline.recording.tracking import (
         plot_schedule,  # matplotlib (and mlflow): only for this command
     )
 

@@ -10,7 +10,7 @@
   exists and fits the family, the network makes the images the study expects, the conditioning fits the
   network, the LPIPS weights are on disk, and GPUs are visible when the study asks for them.
 - ``--smoke-test``: :func:`smoke_variant` of the study (1 solver, 1 NFE, 2 trials, 4 + 4 samples,
-  1 + 1 rounds, L2 loss, CPU) on a tiny random checkpoint of the same family (pipeline.smoke_models).
+  1 + 1 rounds, L2 loss, CPU) on a tiny random checkpoint of the same family (pipeline.models.smoke).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from ld3.models.stable_diffusion import SD_EXAMPLE_REPO, load_prompts
 from ld3.train import LD3Config
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
-from pipeline.model_families import WEIGHTS_DTYPES, checkpoint_spec, record_checkpoint_digest
-from pipeline.models import ConditionValue, ModelSpec
-from pipeline.smoke_models import SMOKE_PROMPTS
-from pipeline.study import SearchSpace, SolverChoice, StudyConfig
-from pipeline.teacher import TeacherConfig
+from pipeline.driver import SearchSpace, SolverChoice, StudyConfig
+from pipeline.models.families import WEIGHTS_DTYPES, checkpoint_spec, record_checkpoint_digest
+from pipeline.models.registry import ConditionValue, ModelSpec
+from pipeline.models.smoke import SMOKE_PROMPTS
+from pipeline.teacher.solve import TeacherConfig
 
 CLASS_FAMILIES = ("edm", "diffusers_pixel", "diffusers_latent")  # families whose networks may take class ids
 DIFFUSERS_FAMILIES = ("diffusers_pixel", "diffusers_latent", "stable_diffusion")
@@ -147,7 +147,7 @@ class ModelStudy:
     default_checkpoint: str  # looked for when neither --checkpoint nor the variable is set
     how_to_get: str  # one sentence: where the checkpoint comes from
     image_shape: tuple[int, int, int]  # (C, H, W) of the images the checkpoint must make (decoded if latent)
-    smoke_checkpoint: Callable[[], Path]  # a tiny random checkpoint of the same family (pipeline.smoke_models)
+    smoke_checkpoint: Callable[[], Path]  # a tiny random checkpoint of the same family (pipeline.models.smoke)
     prompts_env_var: str | None = None  # text models: environment fallback of --prompts
     default_prompts: str | None = None  # text models: looked for when neither --prompts nor the variable is set
 

@@ -17,8 +17,8 @@ import sys
 
 from ld3.models.edm import EDM_RELEASE_URL
 from pipeline.model_studies import ModelStudy, pixel_study
-from pipeline.models import ModelSpec
-from pipeline.smoke_models import tiny_edm_pickle
+from pipeline.models.registry import ModelSpec
+from pipeline.models.smoke import tiny_edm_pickle
 
 STUDY = pixel_study("ffhq", ModelSpec("edm", "edm-ffhq-64x64-uncond-vp"))
 SCRIPT = ModelStudy(

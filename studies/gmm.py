@@ -16,9 +16,9 @@ from dataclasses import replace
 
 from ld3.train import LD3Config
 from pipeline.cli import main
-from pipeline.models import gmm_spec
-from pipeline.study import SearchSpace, SolverChoice, StudyConfig
-from pipeline.teacher import TeacherConfig
+from pipeline.driver import SearchSpace, SolverChoice, StudyConfig
+from pipeline.models.registry import gmm_spec
+from pipeline.teacher.solve import TeacherConfig
 
 STUDY = StudyConfig(
     name="gmm",

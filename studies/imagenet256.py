@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 
 from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models import ModelSpec
-from pipeline.smoke_models import tiny_latent_pipeline
+from pipeline.models.registry import ModelSpec
+from pipeline.models.smoke import tiny_latent_pipeline
 
 STUDY = latent_study("imagenet256", ModelSpec("diffusers_latent", "dit-xl-2-256-cfg2", {"guidance_scale": 2.0}))
 SCRIPT = ModelStudy(

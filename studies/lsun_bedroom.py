@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 
 from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models import ModelSpec
-from pipeline.smoke_models import tiny_latent_pipeline
+from pipeline.models.registry import ModelSpec
+from pipeline.models.smoke import tiny_latent_pipeline
 
 STUDY = latent_study("lsun_bedroom", ModelSpec("diffusers_latent", "ldm-lsun-bedroom-256-vq-f4"))
 SCRIPT = ModelStudy(

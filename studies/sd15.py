@@ -19,8 +19,8 @@ import sys
 from dataclasses import replace
 
 from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models import ModelSpec
-from pipeline.smoke_models import tiny_stable_diffusion_pipeline
+from pipeline.models.registry import ModelSpec
+from pipeline.models.smoke import tiny_stable_diffusion_pipeline
 
 _LATENT = latent_study("sd15", ModelSpec("stable_diffusion", "stable-diffusion-v1-5-cfg7.5",
                                          {"guidance_scale": 7.5, "gradient_checkpointing": True}))

@@ -199,7 +199,7 @@ def launcher(words: list[str], config_file: Path, head: dict, timeout: float) ->
 def test_ray_up_submit_down_on_this_machine(ssh_head):
     from mlflow import MlflowClient
 
-    from pipeline.export import load_schedule
+    from pipeline.recording.exports import load_schedule
 
     ports = {name: free_port() for name in ("mlflow", "gcs", "dashboard", "agent")}
     config_file = ssh_head["root"] / "cluster.yaml"

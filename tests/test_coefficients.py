@@ -185,7 +185,7 @@ def test_config_rejects_bad_coefficient_hyperparameters():
 
 # ---- export ---------------------------------------------------------------------------------------------
 def _export(coefficients=None, solver="ipndm", order=3):
-    from pipeline.export import build_export
+    from pipeline.recording.exports import build_export
 
     return build_export(sigmas=edm_rho(4, SCHEDULE), noise_schedule=SCHEDULE, model="gmm", solver=solver, order=order,
                         nfe=4, mode="lambda", metrics={}, config={}, teacher_cache_key="test",
@@ -193,7 +193,7 @@ def _export(coefficients=None, solver="ipndm", order=3):
 
 
 def test_export_with_coefficients_round_trips_and_samples_through_ld3(tmp_path, gmm):
-    from pipeline.export import load_schedule, save_export
+    from pipeline.recording.exports import load_schedule, save_export
 
     coefficients = random_corrections("ipndm", 4, 3)
     loaded = load_schedule(save_export(_export(coefficients), tmp_path))
@@ -205,7 +205,7 @@ def test_export_with_coefficients_round_trips_and_samples_through_ld3(tmp_path, 
 
 
 def test_export_without_coefficients_has_no_such_field(tmp_path):
-    from pipeline.export import load_schedule, save_export
+    from pipeline.recording.exports import load_schedule, save_export
 
     path = save_export(_export(), tmp_path)
     assert "coefficients" not in path.read_text() and load_schedule(path).coefficients is None
@@ -227,7 +227,7 @@ def test_step_grid_consumers_refuse_coefficients_in_one_line():
 def test_bad_coefficients_in_a_file_are_rejected_on_load(tmp_path, edit, match):
     import json
 
-    from pipeline.export import load_schedule
+    from pipeline.recording.exports import load_schedule
 
     document = _export(random_corrections("ipndm", 4, 3)).to_dict()
     document.pop("consumers")

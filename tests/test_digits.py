@@ -145,7 +145,7 @@ def _env() -> dict[str, str]:
 def test_digits_smoke_study_end_to_end(tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.export import load_schedule
+    from pipeline.recording.exports import load_schedule
 
     work = tmp_path
     cmd = [sys.executable, str(ROOT / "studies" / "digits.py"), "--smoke-test", "--num-cpus", "2",

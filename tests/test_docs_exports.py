@@ -15,7 +15,7 @@ import torch
 
 from ld3.schedules import VPDiscreteSchedule
 from pipeline import export_cli
-from pipeline.export import build_export, load_schedule, save_export
+from pipeline.recording.exports import build_export, load_schedule, save_export
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "exports.md"
@@ -30,7 +30,7 @@ def code_blocks() -> list[tuple[str, str]]:
 def workdir(tmp_path_factory) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from pipeline.smoke_models import _tiny_unet
+    from pipeline.models.smoke import _tiny_unet
 
     folder = tmp_path_factory.mktemp("docs")
     torch.manual_seed(0)

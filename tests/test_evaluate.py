@@ -1,4 +1,4 @@
-"""pipeline.evaluate: statistics independent of the split over actors and batches (and equal to an in-process
+"""pipeline.evaluation.sampling: statistics independent of the split over actors and batches (and equal to an in-process
 computation), the FID path with a randomly initialised Inception network, recording into MLflow and the
 exported JSON, the CLI flags, and bad input caught before any sampling."""
 
@@ -27,7 +27,7 @@ from ld3.sampling import sample
 from ld3.schedules import EDMSchedule
 from ld3.utils import latents_from_seeds
 from pipeline.cli import apply_overrides, build_parser
-from pipeline.evaluate import (
+from pipeline.evaluation.sampling import (
     GRID_ARTIFACT,
     LEARNED,
     EvaluationConfig,
@@ -39,9 +39,9 @@ from pipeline.evaluate import (
     record_evaluation,
     targets_from_exports,
 )
-from pipeline.export import build_export, load_schedule, save_export
-from pipeline.models import ModelSpec, build_gmm, gmm_spec, register_model_builder
-from pipeline.tracking import StudyTracker, TrialLogger
+from pipeline.models.registry import ModelSpec, build_gmm, gmm_spec, register_model_builder
+from pipeline.recording.exports import build_export, load_schedule, save_export
+from pipeline.recording.tracking import StudyTracker, TrialLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402

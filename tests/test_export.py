@@ -1,4 +1,4 @@
-"""pipeline.export: round trip, validation, MLflow logging and real diffusers schedulers."""
+"""pipeline.recording.exports: round trip, validation, MLflow logging and real diffusers schedulers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from ld3.schedules import EDMSchedule, VPDiscreteSchedule
-from pipeline.export import (
+from pipeline.recording.exports import (
     ExportedSchedule,
     build_export,
     export_file_name,
@@ -20,7 +20,7 @@ from pipeline.export import (
     save_export,
     study_exports_dir,
 )
-from pipeline.tracking import StudyTracker
+from pipeline.recording.tracking import StudyTracker
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ld3.schedules import EDMSchedule, VPDiscreteSchedule
-from pipeline.export import (
+from pipeline.export_cli import main
+from pipeline.recording.exports import (
     build_export,
     load_schedule,
     loglinear_interpolation,
     save_export,
 )
-from pipeline.export_cli import main
 
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -192,7 +192,7 @@ def test_bad_export_files_are_one_line_errors(tmp_path, capsys, key, value, mess
 
 def test_reading_an_export_needs_torch_alone(tmp_path):
     path = _save(tmp_path)
-    code = ("import sys; from pipeline.export import load_schedule; s = load_schedule(sys.argv[1]); s.comfyui_sigmas(); "
+    code = ("import sys; from pipeline.recording.exports import load_schedule; s = load_schedule(sys.argv[1]); s.comfyui_sigmas(); "
             "heavy = [m for m in ('mlflow', 'ray', 'optuna', 'pyarrow', 'matplotlib', 'diffusers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ld3.models.edm import UntrustedCodeError, load_edm_network
-from pipeline.smoke_models import tiny_edm_pickle
+from pipeline.models.smoke import tiny_edm_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_hostile_checkpoint_through_the_study_script_is_refused_and_not_recorded
 
 
 def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded_only_then(tmp_path, monkeypatch):
-    from pipeline.model_families import checkpoint_digest, record_checkpoint_digest
+    from pipeline.models.families import checkpoint_digest, record_checkpoint_digest
 
     monkeypatch.delenv("LD3_TRUST_CHECKPOINT_CODE", raising=False)
     path = tiny_edm_pickle((3, 8, 8))
@@ -119,7 +119,7 @@ def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded_only_t
 def _saved_export(folder: Path) -> Path:
     from ld3.discretizations import edm_rho
     from ld3.schedules import EDMSchedule
-    from pipeline.export import build_export, save_export
+    from pipeline.recording.exports import build_export, save_export
 
     schedule = EDMSchedule()
     sigmas = edm_rho(4, schedule)
@@ -143,7 +143,7 @@ BAD_EXPORTS = {  # field edits -> what the one-line error must say
 
 @pytest.mark.parametrize("case", sorted(BAD_EXPORTS))
 def test_inconsistent_export_is_a_one_line_error_naming_file_and_field(tmp_path, case):
-    from pipeline.export import load_schedule
+    from pipeline.recording.exports import load_schedule
 
     path = _saved_export(tmp_path)
     edits, message = BAD_EXPORTS[case]
@@ -155,7 +155,7 @@ def test_inconsistent_export_is_a_one_line_error_naming_file_and_field(tmp_path,
 
 
 def test_binary_export_names_the_file(tmp_path):
-    from pipeline.export import load_schedule
+    from pipeline.recording.exports import load_schedule
 
     path = tmp_path / "schedule.json"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
@@ -165,7 +165,7 @@ def test_binary_export_names_the_file(tmp_path):
 
 def test_reading_an_export_imports_no_mlflow_or_ray(tmp_path):
     path = _saved_export(tmp_path)
-    code = ("import sys; from pipeline.export import load_schedule; load_schedule(sys.argv[1]); "
+    code = ("import sys; from pipeline.recording.exports import load_schedule; load_schedule(sys.argv[1]); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'ray', 'optuna', 'pyarrow'}))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=120, check=True).stdout
@@ -255,16 +255,16 @@ def _inf_below(threshold: float):
 
 def _build_inf_model(*, device, dtype, threshold: float):
     from ld3.schedules import EDMSchedule
-    from pipeline.models import LoadedModel
+    from pipeline.models.registry import LoadedModel
 
     denoiser, shape = _inf_below(threshold)
     return LoadedModel(denoiser=denoiser, schedule=EDMSchedule(), shape=shape)
 
 
 def test_non_finite_teacher_data_is_refused_naming_model_and_sigma(by_value, tmp_path):
-    from pipeline.models import ModelSpec, register_model_builder
-    from pipeline.teacher import TeacherConfig
-    from pipeline.teacher_cache import TeacherCache, TeacherGenerationError
+    from pipeline.models.registry import ModelSpec, register_model_builder
+    from pipeline.teacher.cache import TeacherCache, TeacherGenerationError
+    from pipeline.teacher.solve import TeacherConfig
 
     register_model_builder("inf-below-test", _build_inf_model, replace=True)
     spec = ModelSpec("inf-below-test", "inf-below-0.05", kwargs={"threshold": 0.05})
@@ -294,7 +294,7 @@ def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(loc
     import argparse
 
     from pipeline.cli import main
-    from pipeline.teacher_cache import CacheCorruptError, TeacherCache
+    from pipeline.teacher.cache import CacheCorruptError, TeacherCache
 
     gmm_study = _gmm_smoke_study()
     study = gmm_study.make_config(argparse.Namespace(smoke_test=True))
@@ -306,7 +306,7 @@ def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(loc
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the Parquet data pages
     part.write_bytes(bytes(data))
 
-    caplog.set_level("INFO", logger="pipeline.teacher_cache")
+    caplog.set_level("INFO", logger="pipeline.teacher.cache")
     with pytest.raises(CacheCorruptError, match=f"cached file {part} does not match its sha256"):
         cache.get_or_generate(study.model, study.teacher)
     assert not any("teacher cache hit" in r.getMessage() for r in caplog.records)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from pipeline.halving import BatchedSuccessiveHalving
+from pipeline.search.halving import BatchedSuccessiveHalving
 
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 

@@ -1,4 +1,4 @@
-"""Model families of the pipeline (pipeline.model_families) and the study-script helpers
+"""Model families of the pipeline (pipeline.models.families) and the study-script helpers
 (pipeline.model_studies): checkpoint digests and their cache, family checks, builders on tiny random
 checkpoints of every family, and the paper's defaults of the study scripts."""
 
@@ -16,20 +16,20 @@ import pytest
 import torch
 
 from ld3.losses import MissingWeightsError
-from pipeline.model_families import (
+from pipeline.model_studies import balanced_class_ids, parse_class_labels, smoke_variant
+from pipeline.models.families import (
     checkpoint_digest,
     checkpoint_spec,
     default_digest_cache,
 )
-from pipeline.model_studies import balanced_class_ids, parse_class_labels, smoke_variant
-from pipeline.models import MODEL_BUILDERS
-from pipeline.smoke_models import (
+from pipeline.models.registry import MODEL_BUILDERS
+from pipeline.models.smoke import (
     tiny_edm_pickle,
     tiny_latent_pipeline,
     tiny_pixel_pipeline,
     tiny_stable_diffusion_pipeline,
 )
-from pipeline.teacher import TeacherConfig, solve_teacher
+from pipeline.teacher.solve import TeacherConfig, solve_teacher
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 

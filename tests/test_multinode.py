@@ -22,11 +22,11 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from pipeline.evaluate import GRID_ARTIFACT, EvaluationConfig
-from pipeline.export import load_schedule
-from pipeline.models import ModelSpec, build_gmm, register_model_builder
-from pipeline.study import StudyOptions, run_study
-from pipeline.teacher_cache import TeacherCache
+from pipeline.driver import StudyOptions, run_study
+from pipeline.evaluation.sampling import GRID_ARTIFACT, EvaluationConfig
+from pipeline.models.registry import ModelSpec, build_gmm, register_model_builder
+from pipeline.recording.exports import load_schedule
+from pipeline.teacher.cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402
@@ -99,7 +99,7 @@ def tracking_uri(mlflow_server, cluster_nodes):
 def test_teacher_study_and_evaluation_spread_over_two_nodes(cluster_nodes, tracking_uri, tmp_path, monkeypatch):
     assert len(cluster_nodes) == 2
     # Ray Data starts pool actors while it already dispatches batches, so a tiny job may finish on the first
-    # actor alone; make it wait for all of them (pipeline.evaluate does this for its own pool).
+    # actor alone; make it wait for all of them (pipeline.evaluation.sampling does this for its own pool).
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     markers = tmp_path / "built-on"
     markers.mkdir()

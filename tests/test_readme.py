@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ld3.discretizations import BASELINES
-from pipeline.export import build_export, save_export, study_exports_dir
-from pipeline.models import gmm_spec
+from pipeline.models.registry import gmm_spec
+from pipeline.recording.exports import build_export, save_export, study_exports_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(?:^<!-- (runnable|not run)[^\n]*-->\n)?^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -30,13 +30,13 @@ from ld3.schedules import EDMSchedule
 from ld3.solvers import coefficient_shape
 from ld3.solvers import nfe as solver_nfe
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
-from pipeline.export import build_export, save_export
-from pipeline.smoke_models import (
+from pipeline.models.smoke import (
     tiny_edm_pickle,
     tiny_latent_pipeline,
     tiny_pixel_pipeline,
     tiny_stable_diffusion_pipeline,
 )
+from pipeline.recording.exports import build_export, save_export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.export import load_schedule
-from pipeline.smoke_models import (
+from pipeline.models.smoke import (
     SMOKE_PROMPTS,
     tiny_edm_pickle,
     tiny_latent_pipeline,
     tiny_pixel_pipeline,
 )
-from pipeline.teacher_cache import TeacherCache
+from pipeline.recording.exports import load_schedule
+from pipeline.teacher.cache import TeacherCache
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 MODEL_STUDIES = ("cifar10", "afhqv2", "ffhq", "lsun_bedroom", "imagenet256", "sd15")

@@ -18,10 +18,10 @@ from ld3.models.gmm import default_gmm
 from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
 from pipeline.cli import exit_code
-from pipeline.export import load_schedule
-from pipeline.models import LoadedModel, ModelSpec, register_model_builder
-from pipeline.study import SearchSpace, StudyConfig, StudyOptions, _table_rows, format_table, run_study
-from pipeline.teacher_cache import TeacherCache
+from pipeline.driver import SearchSpace, StudyConfig, StudyOptions, _table_rows, format_table, run_study
+from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
+from pipeline.recording.exports import load_schedule
+from pipeline.teacher.cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402

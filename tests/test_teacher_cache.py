@@ -13,9 +13,8 @@ import pytest
 import ray
 import torch
 
-from pipeline.models import LoadedModel, ModelSpec, build_gmm, register_model_builder
-from pipeline.teacher import TeacherConfig, solve_teacher
-from pipeline.teacher_cache import (
+from pipeline.models.registry import LoadedModel, ModelSpec, build_gmm, register_model_builder
+from pipeline.teacher.cache import (
     CacheCorruptError,
     TeacherCache,
     TeacherDataset,
@@ -23,6 +22,7 @@ from pipeline.teacher_cache import (
     cache_key,
     load_teacher,
 )
+from pipeline.teacher.solve import TeacherConfig, solve_teacher
 
 N = 10
 CONFIG = TeacherConfig(

@@ -1,4 +1,4 @@
-"""pipeline.tracking against a real SQLite-backed MLflow store (no mocks)."""
+"""pipeline.recording.tracking against a real SQLite-backed MLflow store (no mocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.tracking import (
+from pipeline.recording.tracking import (
     StudyTracker,
     TrackingContext,
     TrackingError,

@@ -35,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from pipeline.fileio import ensure_writable_dir
-from pipeline.provenance import code_version, jsonable
+from pipeline.recording.provenance import code_version, jsonable
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_FILE = "mlflow.db"

@@ -1,6 +1,6 @@
 """Provenance helpers with no tracking dependency: the code version and JSON-ready config values.
 
-Shared by ``pipeline.tracking`` (MLflow params) and ``pipeline.export`` (exported schedules), so reading
+Shared by ``pipeline.recording.tracking`` (MLflow params) and ``pipeline.recording.exports`` (exported schedules), so reading
 or writing an export needs torch alone (no mlflow, no ray).
 """
 

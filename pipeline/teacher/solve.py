@@ -22,8 +22,7 @@ from ld3.sampling import solve_from_latents
 from ld3.solvers import nfe as solver_nfe
 from ld3.solvers import solver_steps_for_nfe
 from ld3.utils import latents_from_seeds
-
-from .models import ConditionValue, Denoiser, LoadedModel
+from pipeline.models.registry import ConditionValue, Denoiser, LoadedModel
 
 TEACHER_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -46,10 +46,10 @@ from ld3.schedules import EDMSchedule, NoiseSchedule, VPCosineSchedule, VPDiscre
 from ld3.solvers import coefficient_shape
 from ld3.solvers import nfe as solver_nfe
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
-from pipeline.provenance import code_version, jsonable
+from pipeline.recording.provenance import code_version, jsonable
 
 if TYPE_CHECKING:
-    from pipeline.tracking import StudyTracker, TrialLogger
+    from pipeline.recording.tracking import StudyTracker, TrialLogger
 
 SCHEMA_VERSION = 1
 DIFFUSERS_TIME_SCHEDULES = ("vp_discrete",)  # native time = diffusers' training-step index

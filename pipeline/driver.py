@@ -8,11 +8,11 @@
 4. per cell (solver, order, NFE): evaluates the baseline grids on the validation data (nested runs),
    then runs Tune with ``OptunaSearch`` (seeded TPE, define-by-run space with conditional parameters,
    the paper's recipe as the first point) and successive halving on the per-step validation loss
-   (pipeline.halving: ASHA's rule, in batches, so a seed gives the same result every time); every
+   (pipeline.search.halving: ASHA's rule, in batches, so a seed gives the same result every time); every
    trial reads the cached teacher data, logs a nested MLflow run and reports to Tune;
 5. exports the best schedule of each cell and returns a table of learned vs baseline;
 6. optionally (``StudyConfig.evaluation``) samples the exported and baseline schedules on Ray workers for
-   FID / the exact data-space Fréchet distance (pipeline.evaluate).
+   FID / the exact data-space Fréchet distance (pipeline.evaluation.sampling).
 
 An interrupted study resumes: Tune experiments are restored from their storage path, the MLflow
 parent run and finished baseline runs are reused, and the teacher data is a cache hit.
@@ -47,18 +47,13 @@ from ld3.solvers import SOLVERS, solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
 from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
-from pipeline.cache_store import resolve_root
 from pipeline.devices import placement_tags, worker_device
-from pipeline.evaluate import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
-from pipeline.export import SaveOutcome, build_export, save_best_export, study_exports_dir
+from pipeline.evaluation.sampling import EvaluationConfig, EvaluationResult, check_evaluation, evaluate_study
 from pipeline.fileio import check_writable_dir
-from pipeline.halving import BatchedSuccessiveHalving
-from pipeline.models import LoadedModel, ModelSpec
+from pipeline.models.registry import LoadedModel, ModelSpec
 from pipeline.progress import StudyProgress
-from pipeline.study_lock import study_lock
-from pipeline.teacher import TeacherConfig
-from pipeline.teacher_cache import CacheEntry, TeacherCache, TeacherDataset
-from pipeline.tracking import (
+from pipeline.recording.exports import SaveOutcome, build_export, save_best_export, study_exports_dir
+from pipeline.recording.tracking import (
     TAG_BEST,
     TAG_FAILURE,
     TAG_STOPPED_BY,
@@ -70,6 +65,11 @@ from pipeline.tracking import (
     plot_learned_vs_baseline,
     tracking_outage,
 )
+from pipeline.search.halving import BatchedSuccessiveHalving
+from pipeline.study_lock import study_lock
+from pipeline.teacher.cache import CacheEntry, TeacherCache, TeacherDataset
+from pipeline.teacher.solve import TeacherConfig
+from pipeline.teacher.store import resolve_root
 
 log = logging.getLogger(__name__)
 

@@ -214,7 +214,3 @@ def digits_spec(*, conditional: bool = True, guidance_scale: float = 1.0) -> Mod
 
 
 register_model_builder("digits", build_digits)
-
-# The paper's families (EDM pickles, diffusers, Stable Diffusion) register their builders on import; last,
-# because that module builds on the names above.
-from pipeline import model_families  # noqa: E402,F401

@@ -49,9 +49,9 @@ from ld3.models.stable_diffusion import (
     StableDiffusionDenoiser,
     load_stable_diffusion,
 )
-from pipeline import smoke_models  # noqa: F401 - registers the tiny EDM networks as safe to unpickle
 from pipeline.fileio import atomic_write_text
-from pipeline.models import (
+from pipeline.models import smoke  # noqa: F401 - registers the tiny EDM networks as safe to unpickle
+from pipeline.models.registry import (
     ConditionValue,
     LoadedModel,
     ModelSpec,

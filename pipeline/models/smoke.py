@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ld3.models.edm import register_safe_class
 
-FORMAT_VERSION = 1  # bump when a tiny model's architecture changes
+FORMAT_VERSION = 2  # bump when a tiny model's architecture or module path (its pickles name the class) changes
 SEED = 0
 SMOKE_PROMPTS = ("a cat", "a dog", "a red car", "a small house", "a tree", "a bird on a wire", "a cup", "a boat at sea")
 _AE_BLOCKS = {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4}

@@ -50,14 +50,14 @@ from ld3.sampling import sample
 from ld3.solvers import solver_steps_for_nfe
 from ld3.utils import latents_from_seeds
 from pipeline.devices import worker_device
-from pipeline.export import ExportedSchedule, load_schedule, save_export
-from pipeline.models import ConditionValue, LoadedModel, ModelSpec
-from pipeline.tracking import IDENTITY_KEYS, TAG_KIND, TAG_RUN_KEY, connect
+from pipeline.models.registry import ConditionValue, LoadedModel, ModelSpec
+from pipeline.recording.exports import ExportedSchedule, load_schedule, save_export
+from pipeline.recording.tracking import IDENTITY_KEYS, TAG_KIND, TAG_RUN_KEY, connect
 
 if TYPE_CHECKING:
     from ld3.fid import FeatureStats, FeatureStatsAccumulator
-    from pipeline.study import CellResult, StudyConfig
-    from pipeline.tracking import StudyTracker
+    from pipeline.driver import CellResult, StudyConfig
+    from pipeline.recording.tracking import StudyTracker
 
 __all__ = [
     "EvaluationConfig", "EvaluationResult", "ScheduleEvaluation", "ScheduleTarget", "LEARNED", "check_evaluation",

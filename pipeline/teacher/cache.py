@@ -10,7 +10,7 @@ Flow of a request ``TeacherCache(root).get_or_generate(spec, config)``:
    through ``ray.data`` ``map_batches`` into a pool of actors; each actor builds the model once and
    runs :func:`pipeline.teacher.solve_teacher` per batch, writing one Parquet part (Arrow
    fixed-shape tensor columns) into a fresh attempt folder and returning the part's checksum.
-3. The driver checks the parts and publishes the manifest last (pipeline.cache_store): only then is
+3. The driver checks the parts and publishes the manifest last (pipeline.teacher.store): only then is
    the dataset visible. A failed generation deletes its attempt folder and publishes nothing.
 
 Loading (:meth:`CacheEntry.load`) verifies every file's size and sha256 and returns torch tensors
@@ -40,8 +40,10 @@ from pyarrow import fs as pafs
 from torch import Tensor
 
 import ld3
-
-from .cache_store import (
+from pipeline.devices import worker_device
+from pipeline.models.registry import ConditionValue, ModelSpec
+from pipeline.teacher.solve import NonFiniteTeacherError, TeacherBatch, TeacherConfig, solve_teacher
+from pipeline.teacher.store import (
     CacheCorruptError,
     canonical_json,
     delete_quietly,
@@ -54,9 +56,6 @@ from .cache_store import (
     sha256_hex,
     write_parquet_part,
 )
-from .devices import worker_device
-from .models import ConditionValue, ModelSpec
-from .teacher import NonFiniteTeacherError, TeacherBatch, TeacherConfig, solve_teacher
 
 __all__ = [
     "CacheCorruptError",
