@@ -48,7 +48,7 @@ from torchvision.models.inception import (
 
 from ld3.losses import MissingWeightsError
 from ld3.metrics import frechet_distance
-from ld3.utils import atomic_write_bytes
+from ld3.utils import atomic_write_bytes, user_cache_dir
 
 FEATURE_DIM = 2048  # pool3 features of Inception-v3
 INCEPTION_SIZE = 299  # input side length of the network
@@ -459,7 +459,7 @@ def _source_digest(source: Path, names: list[str], weights_name: str) -> str:
 
 def default_stats_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ld3/fid-refs`` (default ``~/.cache/ld3/fid-refs``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3" / "fid-refs"
+    return user_cache_dir("fid-refs")
 
 
 def reference_stats(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -54,9 +56,22 @@ def gaussian_moments(samples: Tensor) -> tuple[Tensor, Tensor]:
     return mu, centred.T @ centred / (x.shape[0] - 1)
 
 
+def mixture_moments(gmm: GaussianMixture, conditions: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Exact mean and covariance of the data the GMM generates: the whole mixture (``conditions`` None), or the
+    mixture of classes that ``conditions`` (one class id per sample) select, weighted by their counts."""
+    counts = Counter(int(c) for c in conditions) if conditions is not None else None
+    if counts is None or len(counts) == 1:
+        cond = None if counts is None else next(iter(counts))
+        return gmm.mean(cond), gmm.covariance(cond)
+    n = sum(counts.values())
+    mean = sum(k * gmm.mean(c) for c, k in counts.items()) / n
+    second = sum(k * (gmm.covariance(c) + torch.outer(gmm.mean(c), gmm.mean(c))) for c, k in counts.items())
+    return mean, second / n - torch.outer(mean, mean)
+
+
 def gmm_frechet_distance(samples: Tensor, gmm: GaussianMixture, cond: int | None = None) -> float:
     """Fréchet distance between the moments of ``samples`` and the GMM's exact data moments (no features)."""
     if tuple(samples.shape[1:]) != gmm.shape:
         raise ValueError(f"samples must have shape [N, {', '.join(map(str, gmm.shape))}], got {tuple(samples.shape)}")
     mu, cov = gaussian_moments(samples)
-    return frechet_distance(mu, cov, gmm.mean(cond), gmm.covariance(cond))
+    return frechet_distance(mu, cov, *mixture_moments(gmm, None if cond is None else [cond]))

@@ -138,6 +138,10 @@ class LD3Config:
         """The reference recipe for latent/SD models: lr2 = 0.001 / N, 3 phase-2 rounds, batch 1."""
         return cls(**{"lr2_coef": 0.001, "rounds_v2": 3, "train_batch_size": 1, **overrides})
 
+    def lr2_coefficient(self, n_steps: int) -> float:
+        """The coefficient c of lr2 = c / N (``lr2_coef``, or an explicit ``lr2`` times N): the inverse of ``derive``'s lr2."""
+        return self.lr2_coef if self.lr2 is None else self.lr2 * n_steps
+
     def derive(self, n_steps: int, latent_shape: Sequence[int]) -> DerivedHyperparameters:
         """Values the config leaves to N and the latent size (docs/method.md#defaults-and-derived-values)."""
         size = math.prod(latent_shape)

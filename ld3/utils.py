@@ -1,4 +1,4 @@
-"""Small shared helpers: per-sample seeded latents, atomic file writes."""
+"""Small shared helpers: per-sample seeded latents, atomic file writes, the user cache folder."""
 
 from __future__ import annotations
 
@@ -64,3 +64,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return target
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/ld3/<parts>`` (default ``~/.cache/ld3/<parts>``): the one home of the project's caches
+    (FID reference statistics, checkpoint digests, the tiny smoke-test checkpoints)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).joinpath("ld3", *parts)

@@ -16,26 +16,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from pipeline.driver import (
-    SolverChoice,
-    StudyConfig,
-    StudyError,
-    StudyOptions,
-    StudyResult,
-    format_table,
-    incomplete_cells,
-    run_study,
-)
-from pipeline.evaluation.sampling import EvaluationConfig, format_evaluation_table
-from pipeline.recording.tracking import TrackingError
-from pipeline.study_lock import StudyRunningError
-from pipeline.teacher.cache import TeacherGenerationError
-from pipeline.teacher.store import CacheCorruptError
+from pipeline.driver import StudyConfig, StudyOptions, StudyResult, run_study
+from pipeline.errors import StudyInputError, as_input_error
+from pipeline.evaluation.report import format_evaluation_table
+from pipeline.evaluation.targets import EvaluationConfig
+from pipeline.search.space import SolverChoice
+from pipeline.summary import format_table, incomplete_cells
 
 ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
-# Errors that mean "fix your input or environment": reported in one line, exit code 2.
-USER_ERRORS = (ValueError, StudyError, TrackingError, TeacherGenerationError, CacheCorruptError,
-               FileNotFoundError, PermissionError, ConnectionError, StudyRunningError)
+# Errors that mean "fix your input or environment": reported in one line, exit code 2. Nothing else is:
+# an unexpected ValueError deep in a run is a bug, and keeps its traceback.
+USER_ERRORS = (StudyInputError,)
 
 
 def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
@@ -203,7 +194,8 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     if not args.verbose:
         _quiet_libraries()
     try:
-        config = apply_overrides(make_config(args), args)
+        with as_input_error():  # building the config from the flags only checks input
+            config = apply_overrides(make_config(args), args)
         result = run_study(config, options_from_args(args))
     except USER_ERRORS as err:
         if args.verbose:

@@ -22,14 +22,8 @@ from typing import Any
 from ld3.solvers.base import check_order
 from ld3.solvers.registry import get_spec
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
-from pipeline.recording.exports import (
-    DIFFUSERS_TIME_SCHEDULES,
-    INTERPOLATED_MODE,
-    ExportedSchedule,
-    interpolated_export,
-    load_schedule,
-    native_schedule,
-)
+from pipeline.recording.export_tools import interpolated_export, native_schedule
+from pipeline.recording.exports import DIFFUSERS_TIME_SCHEDULES, INTERPOLATED_MODE, ExportedSchedule, load_schedule
 
 # format name -> (file suffix, the text written for an export; ``ignore`` drops the decoupling)
 FORMATS: dict[str, tuple[str, Callable[[ExportedSchedule, bool], str]]] = {
@@ -70,9 +64,7 @@ def grid_table(exported: ExportedSchedule) -> str:
 
 
 def _show(args: argparse.Namespace) -> str:
-    from pipeline.recording.tracking import (
-        plot_schedule,  # matplotlib (and mlflow): only for this command
-    )
+    from pipeline.recording.plots import plot_schedule  # matplotlib: only for this command
 
     exported = load_export(args.file)
     plot_path = Path(args.plot or f"{Path(args.file).stem}.png")

@@ -30,10 +30,12 @@ from ld3.models.stable_diffusion import SD_EXAMPLE_REPO, load_prompts
 from ld3.train import LD3Config
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
-from pipeline.driver import SearchSpace, SolverChoice, StudyConfig
-from pipeline.models.families import WEIGHTS_DTYPES, checkpoint_spec, record_checkpoint_digest
+from pipeline.driver import StudyConfig
+from pipeline.models.checkpoints import checkpoint_spec, record_checkpoint_digest
+from pipeline.models.families import WEIGHTS_DTYPES
 from pipeline.models.registry import ConditionValue, ModelSpec
 from pipeline.models.smoke import SMOKE_PROMPTS
+from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.teacher.solve import TeacherConfig
 
 CLASS_FAMILIES = ("edm", "diffusers_pixel", "diffusers_latent")  # families whose networks may take class ids

@@ -20,13 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import StudyRunningError
 from pipeline.fileio import exclusive_lock
 
 log = logging.getLogger(__name__)
-
-
-class StudyRunningError(RuntimeError):
-    """Another process holds the study's lock; the message names it."""
 
 
 @contextmanager

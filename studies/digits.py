@@ -22,10 +22,11 @@ from dataclasses import replace
 
 from ld3.train import LD3Config
 from pipeline.cli import build_parser, main
-from pipeline.driver import SearchSpace, SolverChoice, StudyConfig
-from pipeline.evaluation.sampling import EvaluationConfig
+from pipeline.driver import StudyConfig
+from pipeline.evaluation.targets import EvaluationConfig
 from pipeline.model_studies import balanced_class_ids
 from pipeline.models.registry import digits_spec
+from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.teacher.solve import TeacherConfig
 
 NUM_SAMPLES, SEED = 100, 0  # 50 train + 50 validation teacher samples

@@ -16,8 +16,9 @@ from dataclasses import replace
 
 from ld3.train import LD3Config
 from pipeline.cli import main
-from pipeline.driver import SearchSpace, SolverChoice, StudyConfig
+from pipeline.driver import StudyConfig
 from pipeline.models.registry import gmm_spec
+from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.teacher.solve import TeacherConfig
 
 STUDY = StudyConfig(

@@ -228,7 +228,7 @@ def test_literature_baselines_are_selectable_as_the_ld3_prior(gmm_cells, prior):
 
 
 def test_schedule_plot_labels_baselines_with_their_cost():
-    from pipeline.recording.tracking import plot_schedule
+    from pipeline.recording.plots import plot_schedule
 
     grid = edm_rho(4, EDM)
     figure = plot_schedule(grid, None, baselines={"gits": grid * 0.9, "edm_rho": grid}, costs={"gits": 0.25})

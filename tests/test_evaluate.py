@@ -27,21 +27,13 @@ from ld3.sampling import sample
 from ld3.schedules import EDMSchedule
 from ld3.utils import latents_from_seeds
 from pipeline.cli import apply_overrides, build_parser
-from pipeline.evaluation.sampling import (
-    GRID_ARTIFACT,
-    LEARNED,
-    EvaluationConfig,
-    ScheduleTarget,
-    check_evaluation,
-    evaluate_schedules,
-    exact_moments,
-    format_evaluation_table,
-    record_evaluation,
-    targets_from_exports,
-)
+from pipeline.evaluation.report import format_evaluation_table, record_evaluation
+from pipeline.evaluation.sampling import check_evaluation, evaluate_schedules
+from pipeline.evaluation.targets import GRID_ARTIFACT, LEARNED, EvaluationConfig, ScheduleTarget, targets_from_exports
+from pipeline.evaluation.workers import exact_moments
 from pipeline.models.registry import ModelSpec, build_gmm, gmm_spec, register_model_builder
 from pipeline.recording.exports import build_export, load_schedule, save_export
-from pipeline.recording.tracking import StudyTracker, TrialLogger
+from pipeline.recording.runs import StudyTracker, TrialLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import gmm as gmm_study  # noqa: E402

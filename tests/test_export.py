@@ -20,7 +20,7 @@ from pipeline.recording.exports import (
     save_export,
     study_exports_dir,
 )
-from pipeline.recording.tracking import StudyTracker
+from pipeline.recording.runs import StudyTracker
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -13,12 +13,8 @@ import torch
 
 from ld3.schedules import EDMSchedule, VPDiscreteSchedule
 from pipeline.export_cli import main
-from pipeline.recording.exports import (
-    build_export,
-    load_schedule,
-    loglinear_interpolation,
-    save_export,
-)
+from pipeline.recording.export_tools import loglinear_interpolation
+from pipeline.recording.exports import build_export, load_schedule, save_export
 
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 

@@ -100,7 +100,7 @@ def test_hostile_checkpoint_through_the_study_script_is_refused_and_not_recorded
 
 
 def test_smoke_checkpoint_loads_without_opt_in_and_its_digest_is_recorded_only_then(tmp_path, monkeypatch):
-    from pipeline.models.families import checkpoint_digest, record_checkpoint_digest
+    from pipeline.models.checkpoints import checkpoint_digest, record_checkpoint_digest
 
     monkeypatch.delenv("LD3_TRUST_CHECKPOINT_CODE", raising=False)
     path = tiny_edm_pickle((3, 8, 8))
@@ -262,8 +262,9 @@ def _build_inf_model(*, device, dtype, threshold: float):
 
 
 def test_non_finite_teacher_data_is_refused_naming_model_and_sigma(by_value, tmp_path):
+    from pipeline.errors import TeacherGenerationError
     from pipeline.models.registry import ModelSpec, register_model_builder
-    from pipeline.teacher.cache import TeacherCache, TeacherGenerationError
+    from pipeline.teacher.cache import TeacherCache
     from pipeline.teacher.solve import TeacherConfig
 
     register_model_builder("inf-below-test", _build_inf_model, replace=True)
@@ -294,7 +295,8 @@ def test_damaged_cache_part_is_named_in_one_line_before_any_hit_is_announced(loc
     import argparse
 
     from pipeline.cli import main
-    from pipeline.teacher.cache import CacheCorruptError, TeacherCache
+    from pipeline.errors import CacheCorruptError
+    from pipeline.teacher.cache import TeacherCache
 
     gmm_study = _gmm_smoke_study()
     study = gmm_study.make_config(argparse.Namespace(smoke_test=True))

@@ -139,7 +139,8 @@ def test_study_killed_with_sigkill_during_trials_resumes_without_orphan_runs(tmp
 def test_study_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path, caplog):
     import json
 
-    from pipeline.study_lock import StudyRunningError, study_lock
+    from pipeline.errors import StudyRunningError
+    from pipeline.study_lock import study_lock
 
     storage = tmp_path / "tune" / "deeper"
     with study_lock(str(storage), STUDY):

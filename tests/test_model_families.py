@@ -17,11 +17,7 @@ import torch
 
 from ld3.losses import MissingWeightsError
 from pipeline.model_studies import balanced_class_ids, parse_class_labels, smoke_variant
-from pipeline.models.families import (
-    checkpoint_digest,
-    checkpoint_spec,
-    default_digest_cache,
-)
+from pipeline.models.checkpoints import checkpoint_digest, checkpoint_spec, default_digest_cache
 from pipeline.models.registry import MODEL_BUILDERS
 from pipeline.models.smoke import (
     tiny_edm_pickle,

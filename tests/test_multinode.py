@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
 from pipeline.driver import StudyOptions, run_study
-from pipeline.evaluation.sampling import GRID_ARTIFACT, EvaluationConfig
+from pipeline.evaluation.targets import GRID_ARTIFACT, EvaluationConfig
 from pipeline.models.registry import ModelSpec, build_gmm, register_model_builder
 from pipeline.recording.exports import load_schedule
 from pipeline.teacher.cache import TeacherCache

@@ -18,9 +18,11 @@ from ld3.models.gmm import default_gmm
 from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
 from pipeline.cli import exit_code
-from pipeline.driver import SearchSpace, StudyConfig, StudyOptions, _table_rows, format_table, run_study
+from pipeline.driver import StudyConfig, StudyOptions, run_study
 from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
 from pipeline.recording.exports import load_schedule
+from pipeline.search.space import SearchSpace
+from pipeline.summary import _table_rows, format_table
 from pipeline.teacher.cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))

@@ -11,16 +11,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.recording.tracking import (
-    StudyTracker,
-    TrackingContext,
-    TrackingError,
-    TrialLogger,
-    flatten_params,
-    plot_learned_vs_baseline,
-    plot_schedule,
-    resolve_tracking_uri,
-)
+from pipeline.errors import TrackingError
+from pipeline.recording.plots import plot_learned_vs_baseline, plot_schedule
+from pipeline.recording.runs import StudyTracker, TrialLogger
+from pipeline.recording.tracking import TrackingContext, flatten_params, resolve_tracking_uri
 
 IDENTITY = dict(model="gmm", solver="ipndm", order=4, nfe=6, teacher_cache_key="cafe1234")
 

@@ -40,7 +40,8 @@ except ImportError as error:  # diffusers is an optional dependency (the "models
 
 from ld3.models.diffusers_models import PREDICTION_TYPES, x0_from_prediction
 from ld3.solvers.registry import get_spec
-from pipeline.recording.exports import load_schedule, native_schedule, noise_schedule_named
+from pipeline.recording.export_tools import native_schedule, noise_schedule_named
+from pipeline.recording.exports import load_schedule
 
 EDM_PREDICTION_TYPES = ("epsilon", "sample")
 _BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ld3.models.edm import register_safe_class
+from ld3.utils import user_cache_dir
 
 FORMAT_VERSION = 2  # bump when a tiny model's architecture or module path (its pickles name the class) changes
 SEED = 0
@@ -31,7 +32,7 @@ _UNET_BLOCKS = {"layers_per_block": 1, "block_out_channels": (8, 16), "norm_num_
 
 def smoke_models_dir() -> Path:
     """``$XDG_CACHE_HOME/ld3/smoke-models`` (default ``~/.cache/ld3/smoke-models``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ld3" / "smoke-models"
+    return user_cache_dir("smoke-models")
 
 
 def _cached(name: str, params: dict, write: Callable[[Path], None]) -> Path:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,20 +42,25 @@ import torch
 from torch import Tensor
 
 from ld3.schedules import EDMSchedule, NoiseSchedule, VPCosineSchedule, VPDiscreteSchedule, VPLinearSchedule
-from ld3.solvers import coefficient_shape
-from ld3.solvers import nfe as solver_nfe
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
+from pipeline.recording.export_checks import (
+    check_coefficients,
+    check_grid,
+    check_keys,
+    check_solver_nfe,
+    check_times_match_sigmas,
+    require,
+    tensor,
+)
 from pipeline.recording.provenance import code_version, jsonable
 
 if TYPE_CHECKING:
-    from pipeline.recording.tracking import StudyTracker, TrialLogger
+    from pipeline.recording.runs import StudyTracker, TrialLogger
 
 SCHEMA_VERSION = 1
 DIFFUSERS_TIME_SCHEDULES = ("vp_discrete",)  # native time = diffusers' training-step index
 EXPORTS_ARTIFACT_DIR = "exports"
 NOISE_SCHEDULES = tuple(c.name for c in (EDMSchedule, VPLinearSchedule, VPCosineSchedule, VPDiscreteSchedule))
-SIGMA_RANGE = (1e-5, 1e4)  # EDM-form σ of every published diffusion model lies inside (VE's largest: ~1350)
-_CONTINUOUS_TIME = (VPLinearSchedule.name, VPCosineSchedule.name)  # native time in (0, 1]
 INTERPOLATED_MODE = "interpolated"  # mode of a schedule resized by interpolated_export (not learned)
 # Who can evaluate the denoiser at sigmas_eval (decoupled schedules); every other consumer takes the step grid only.
 HONOURS_SIGMAS_EVAL = ("ld3.sampling.sample", "pipeline.consumers.diffusers_scheduler.LD3Scheduler")
@@ -87,13 +91,13 @@ class Provenance:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.teacher_cache_key, str) and self.teacher_cache_key,
+        require(isinstance(self.teacher_cache_key, str) and self.teacher_cache_key,
                  "provenance.teacher_cache_key", "must be a non-empty string")
-        _require(isinstance(self.config, dict), "provenance.config", "must be a JSON object (dict)")
+        require(isinstance(self.config, dict), "provenance.config", "must be a JSON object (dict)")
         for name in ("mlflow_run_id", "study"):
-            _require(getattr(self, name) is None or isinstance(getattr(self, name), str),
+            require(getattr(self, name) is None or isinstance(getattr(self, name), str),
                      f"provenance.{name}", "must be a string or null")
-        _require(isinstance(self.code_version, str), "provenance.code_version", "must be a string")
+        require(isinstance(self.code_version, str), "provenance.code_version", "must be a string")
         try:
             datetime.fromisoformat(self.created)
         except (TypeError, ValueError):
@@ -121,38 +125,38 @@ class ExportedSchedule:
     coefficients: Tensor | None = None  # learned corrections [N, slots] (ld3.solvers.coefficient_shape)
 
     def __post_init__(self) -> None:
-        _require(self.source == "learned" or (self.source.startswith("baseline:") and len(self.source) > 9), "source",
+        require(self.source == "learned" or (self.source.startswith("baseline:") and len(self.source) > 9), "source",
                  f"must be 'learned' or 'baseline:<name>', got {self.source!r}")
-        _require(self.learned_beats_baseline in (None, True, False), "learned_beats_baseline", "must be true, false or null")
+        require(self.learned_beats_baseline in (None, True, False), "learned_beats_baseline", "must be true, false or null")
         for name in ("model", "solver", "noise_schedule", "mode"):
-            _require(isinstance(getattr(self, name), str) and getattr(self, name), name, "must be a non-empty string")
+            require(isinstance(getattr(self, name), str) and getattr(self, name), name, "must be a non-empty string")
         for name in ("order", "nfe"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an integer >= 1, got {value!r}")
-        _require(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule",
+        require(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule",
                  f"{self.noise_schedule!r} is unknown; one of {NOISE_SCHEDULES}")
-        _check_grid(self.sigmas, "sigmas", positive=True, strict=True)
+        check_grid(self.sigmas, "sigmas", positive=True, strict=True)
         n_points = self.sigmas.numel()
-        _check_grid(self.timesteps, "timesteps", strict=True, length=n_points)
-        _check_solver_nfe(self.solver, self.order, self.nfe, n_points - 1)
-        _check_times_match_sigmas(self.noise_schedule, self.sigmas, self.timesteps, "")
-        _require((self.sigmas_eval is None) == (self.timesteps_eval is None), "timesteps_eval",
+        check_grid(self.timesteps, "timesteps", strict=True, length=n_points)
+        check_solver_nfe(self.solver, self.order, self.nfe, n_points - 1)
+        check_times_match_sigmas(self.noise_schedule, self.sigmas, self.timesteps, "")
+        require((self.sigmas_eval is None) == (self.timesteps_eval is None), "timesteps_eval",
                  "must be given exactly when sigmas_eval is")
         if self.sigmas_eval is not None:
-            _check_grid(self.sigmas_eval, "sigmas_eval", positive=True, strict=False, length=n_points)
-            _check_grid(self.timesteps_eval, "timesteps_eval", strict=False, length=n_points)
-            _check_times_match_sigmas(self.noise_schedule, self.sigmas_eval, self.timesteps_eval, "_eval")
+            check_grid(self.sigmas_eval, "sigmas_eval", positive=True, strict=False, length=n_points)
+            check_grid(self.timesteps_eval, "timesteps_eval", strict=False, length=n_points)
+            check_times_match_sigmas(self.noise_schedule, self.sigmas_eval, self.timesteps_eval, "_eval")
             same_ends = torch.allclose(self.sigmas_eval[[0, -1]], self.sigmas[[0, -1]], rtol=1e-6, atol=0.0)
-            _require(same_ends, "sigmas_eval", "must share its first and last values with sigmas (endpoints are masked)")
-        _require(isinstance(self.metrics, dict) and all(isinstance(k, str) for k in self.metrics), "metrics",
+            require(same_ends, "sigmas_eval", "must share its first and last values with sigmas (endpoints are masked)")
+        require(isinstance(self.metrics, dict) and all(isinstance(k, str) for k in self.metrics), "metrics",
                  "must map names to numbers")
         for key, value in self.metrics.items():
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                      f"metrics[{key!r}]", f"must be a finite number, got {value!r}")
-        _require(isinstance(self.provenance, Provenance), "provenance", "must be a Provenance")
+        require(isinstance(self.provenance, Provenance), "provenance", "must be a Provenance")
         if self.coefficients is not None:
-            _check_coefficients(self.coefficients, self.solver, self.order, n_points - 1)
+            check_coefficients(self.coefficients, self.solver, self.order, n_points - 1)
 
     @property
     def n_steps(self) -> int:
@@ -190,33 +194,33 @@ class ExportedSchedule:
     @classmethod
     def from_dict(cls, document: Any) -> ExportedSchedule:
         """Validate a parsed export (schema version, keys, lengths, monotonicity) and build it."""
-        _require(isinstance(document, dict), "document", "must be a JSON object")
+        require(isinstance(document, dict), "document", "must be a JSON object")
         document = dict(document)
         consumers = document.pop("consumers", None)  # optional, derived from the grid (consumer_formats)
         coefficients = document.pop("coefficients", None)  # optional: learned solver coefficients
         version = document.get("schema_version")
-        _require(version == SCHEMA_VERSION, "schema_version",
+        require(version == SCHEMA_VERSION, "schema_version",
                  f"is {version!r}, this code reads version {SCHEMA_VERSION}; re-export with this version of the code")
-        _check_keys(document, _TOP_LEVEL_KEYS, "", optional=_OPTIONAL_KEYS)
-        _check_keys(document["provenance"], _PROVENANCE_KEYS, "provenance.")
+        check_keys(document, _TOP_LEVEL_KEYS, "", optional=_OPTIONAL_KEYS, schema_version=SCHEMA_VERSION)
+        check_keys(document["provenance"], _PROVENANCE_KEYS, "provenance.", schema_version=SCHEMA_VERSION)
         exported = cls(
             model=document["model"], solver=document["solver"], order=document["order"], nfe=document["nfe"],
             noise_schedule=document["noise_schedule"], mode=document["mode"],
-            sigmas=_tensor(document["sigmas"], "sigmas"),
-            sigmas_eval=None if document["sigmas_eval"] is None else _tensor(document["sigmas_eval"], "sigmas_eval"),
-            timesteps=_tensor(document["timesteps"], "timesteps"),
-            timesteps_eval=None if document["timesteps_eval"] is None else _tensor(document["timesteps_eval"], "timesteps_eval"),
+            sigmas=tensor(document["sigmas"], "sigmas"),
+            sigmas_eval=None if document["sigmas_eval"] is None else tensor(document["sigmas_eval"], "sigmas_eval"),
+            timesteps=tensor(document["timesteps"], "timesteps"),
+            timesteps_eval=None if document["timesteps_eval"] is None else tensor(document["timesteps_eval"], "timesteps_eval"),
             metrics=document["metrics"],
             provenance=Provenance(**document["provenance"]),
             source=document.get("source", "learned"),
             learned_beats_baseline=document.get("learned_beats_baseline"),
-            coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
+            coefficients=None if coefficients is None else tensor(coefficients, "coefficients"),
         )
-        _require(document["n_steps"] == exported.n_steps, "n_steps",
+        require(document["n_steps"] == exported.n_steps, "n_steps",
                  f"is {document['n_steps']!r} but sigmas has {exported.n_steps + 1} points (n_steps + 1 expected)")
-        _require(document["decoupled"] == exported.decoupled, "decoupled",
+        require(document["decoupled"] == exported.decoupled, "decoupled",
                  f"is {document['decoupled']!r} but sigmas_eval is {'set' if exported.decoupled else 'null'}")
-        _require(consumers is None or consumers == exported.consumer_formats(), "consumers",
+        require(consumers is None or consumers == exported.consumer_formats(), "consumers",
                  "does not match sigmas (was the file edited?); delete the consumers block or re-export")
         return exported
 
@@ -352,9 +356,9 @@ def build_export(
 ) -> ExportedSchedule:
     """An export of the grid ``sigmas`` (and decoupled ``sigmas_eval``, learned solver ``coefficients``), with
     native timesteps from ``noise_schedule.t_from_sigma`` and provenance (code version and time filled in)."""
-    sigmas = _tensor(sigmas, "sigmas")
+    sigmas = tensor(sigmas, "sigmas")
     noise_schedule.check_sigmas(sigmas, "sigmas")
-    evals = None if sigmas_eval is None else _tensor(sigmas_eval, "sigmas_eval")
+    evals = None if sigmas_eval is None else tensor(sigmas_eval, "sigmas_eval")
     if evals is not None:
         noise_schedule.check_sigmas(evals, "sigmas_eval")
     return ExportedSchedule(
@@ -365,7 +369,7 @@ def build_export(
         provenance=Provenance(teacher_cache_key=teacher_cache_key, config=jsonable(config),
                               mlflow_run_id=mlflow_run_id, study=study),
         source=source, learned_beats_baseline=learned_beats_baseline,
-        coefficients=None if coefficients is None else _tensor(coefficients, "coefficients"),
+        coefficients=None if coefficients is None else tensor(coefficients, "coefficients"),
     )
 
 
@@ -407,64 +411,6 @@ def load_schedule(path: str | os.PathLike) -> ExportedSchedule:
         return ExportedSchedule.from_dict(document)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-
-
-def noise_schedule_named(name: str, sigmas: Tensor, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
-    """The noise schedule ``name`` of an export with grid ``sigmas``: EDM/VE (time is σ) or discrete VP built from
-    the model's diffusers scheduler config (its betas)."""
-    if name == "edm":
-        return EDMSchedule(sigma_min=float(sigmas.min()), sigma_max=float(sigmas.max()))
-    if name != "vp_discrete":
-        raise ValueError(f"noise_schedule {name!r} is not supported here (only edm and vp_discrete: diffusers has no "
-                         "pipelines for continuous-time VP models); sample with ld3.sampling.sample")
-    if scheduler_config is None:
-        raise ValueError("a vp_discrete schedule needs the model's scheduler config for its betas "
-                         "(pipe.scheduler.config, or the file scheduler/scheduler_config.json of the model)")
-    from ld3.models.diffusers_models import schedule_from_scheduler_config
-
-    schedule = schedule_from_scheduler_config(scheduler_config)
-    schedule.check_sigmas(sigmas, "sigmas")
-    return schedule
-
-
-def native_schedule(exported: ExportedSchedule, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
-    """:func:`noise_schedule_named` of an export, refusing a scheduler config whose timesteps are not the export's."""
-    schedule = noise_schedule_named(exported.noise_schedule, exported.sigmas, scheduler_config)
-    gap = float((schedule.t_from_sigma(exported.sigmas) - exported.timesteps).abs().max())
-    if gap > 1e-6 * max(1.0, float(exported.timesteps.abs().max())):
-        raise ValueError(f"the export's timesteps differ from this model's by up to {gap:.4g}; it was learned for a model "
-                         "with another noise schedule (check the scheduler config)")
-    return schedule
-
-
-def loglinear_interpolation(sigmas: Tensor, n_steps: int) -> Tensor:
-    """``n_steps + 1`` values: log σ interpolated linearly over the normalised step index i/N (as Align Your
-    Steps resizes its schedules); both endpoints are kept exactly."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-    log_sigmas = sigmas.to(torch.float64).log()
-    position = torch.linspace(0, log_sigmas.numel() - 1, n_steps + 1, dtype=torch.float64)
-    left = position.floor().long().clamp(max=log_sigmas.numel() - 2)
-    fraction = position - left
-    resized = torch.exp(log_sigmas[left] + fraction * (log_sigmas[left + 1] - log_sigmas[left]))
-    resized[[0, -1]] = sigmas[[0, -1]].to(torch.float64)
-    return resized
-
-
-def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: NoiseSchedule, source: str) -> ExportedSchedule:
-    """``exported`` resized to ``n_steps`` steps by :func:`loglinear_interpolation` (σ and σ_eval alike), labelled
-    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``."""
-    from ld3.solvers.registry import get_spec
-
-    return build_export(
-        sigmas=loglinear_interpolation(exported.sigmas, n_steps),
-        sigmas_eval=None if exported.sigmas_eval is None else loglinear_interpolation(exported.sigmas_eval, n_steps),
-        noise_schedule=schedule, model=exported.model, solver=exported.solver, order=exported.order,
-        nfe=get_spec(exported.solver).calls_per_step * n_steps, mode=INTERPOLATED_MODE, metrics={},
-        config={"not_learned": f"log-sigma interpolation of {source} ({exported.n_steps} steps, mode {exported.mode}) "
-                               f"to {n_steps} steps", "source_config": exported.provenance.config},
-        teacher_cache_key=exported.provenance.teacher_cache_key, study=exported.provenance.study,
-    )
 
 
 @dataclass(frozen=True)
@@ -523,77 +469,3 @@ def _slug(text: str) -> str:
     if not slug:
         raise ValueError(f"name {text!r} has no letters or digits to build a file name from")
     return slug
-
-
-def _check_coefficients(values: Tensor, solver: str, order: int, n_steps: int) -> None:
-    """Learned coefficient corrections: the solver takes them, and they are finite of shape [N, slots]."""
-    try:
-        shape = coefficient_shape(solver, n_steps, order)
-    except ValueError as err:
-        raise ValueError(f"coefficients {err}") from None
-    _require(tuple(values.shape) == shape, "coefficients",
-             f"must have shape {list(shape)} for {solver} order {order} on {n_steps} steps, got {list(values.shape)}")
-    _require(bool(torch.isfinite(values).all()), "coefficients", "must be finite numbers")
-
-
-def _require(condition: bool, name: str, problem: str) -> None:
-    if not condition:
-        raise ValueError(f"{name} {problem}")
-
-
-def _check_keys(document: Any, expected: tuple[str, ...], prefix: str, optional: tuple[str, ...] = ()) -> None:
-    _require(isinstance(document, dict), prefix.rstrip(".") or "document", "must be a JSON object")
-    missing = [k for k in expected if k not in document]
-    unknown = sorted(k for k in document if k not in expected + optional)
-    _require(not missing, f"{prefix}{missing[0] if missing else ''}", "is missing")
-    _require(not unknown, f"{prefix}{unknown[0] if unknown else ''}",
-             f"is not a field of schema version {SCHEMA_VERSION} (fields: {', '.join(expected + optional)})")
-
-
-def _tensor(values: Any, name: str) -> Tensor:
-    try:
-        tensor = torch.as_tensor(values.detach() if isinstance(values, Tensor) else values, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a list of numbers") from None
-    return tensor.cpu().clone()
-
-
-def _check_grid(values: Tensor, name: str, *, strict: bool, positive: bool = False, length: int | None = None) -> None:
-    """1-D, finite, descending (strictly if ``strict``), optionally positive and of a given length."""
-    _require(isinstance(values, Tensor) and values.ndim == 1 and values.numel() >= 2, name,
-             "must be a 1-D list of at least 2 numbers (N+1 grid points)")
-    _require(length is None or values.numel() == length, name,
-             f"has {values.numel()} points but sigmas has {length}; all grids need N+1 points")
-    _require(bool(torch.isfinite(values).all()), name, "contains NaN or infinite values")
-    _require(not positive or bool((values > 0).all()), name, f"must be positive, min is {float(values.min()):.6g}")
-    steps = values[1:] - values[:-1]
-    descending = bool((steps < 0).all()) if strict else bool((steps <= 0).all())
-    _require(descending, name, f"must be {'strictly ' if strict else ''}descending (from sigma_max to sigma_min)")
-    if positive:
-        low, high = SIGMA_RANGE
-        _require(bool(((values >= low) & (values <= high)).all()), name,
-                 f"has values from {float(values.min()):.6g} to {float(values.max()):.6g}, outside [{low:g}, {high:g}] "
-                 "where diffusion models' sigmas lie")
-
-
-def _check_solver_nfe(solver: str, order: int, nfe: int, n_steps: int) -> None:
-    """The solver exists, takes ``order`` and spends exactly ``nfe`` denoiser calls on ``n_steps`` steps."""
-    try:
-        calls = solver_nfe(solver, n_steps, order)
-    except ValueError as err:
-        raise ValueError(f"solver/order: {err}") from None
-    _require(calls == nfe, "nfe", f"is {nfe} but {solver} spends {calls} denoiser calls on {n_steps} steps")
-
-
-def _check_times_match_sigmas(noise_schedule: str, sigmas: Tensor, timesteps: Tensor, suffix: str) -> None:
-    """Native times consistent with the σ grid: equal to σ for EDM, inside the schedule's time range for VP
-    (their parameters are not in the file, so VP times are checked for range only)."""
-    name = f"timesteps{suffix}"
-    if noise_schedule == EDMSchedule.name:
-        _require(torch.allclose(timesteps, sigmas, rtol=1e-9, atol=0.0), name,
-                 f"must equal sigmas{suffix} for the edm schedule (native time is sigma)")
-    elif noise_schedule in _CONTINUOUS_TIME:
-        _require(bool(((timesteps > 0) & (timesteps <= 1)).all()), name,
-                 f"must lie in (0, 1] for the {noise_schedule} schedule")
-    else:
-        _require(bool((timesteps >= 0).all()), name, f"must be >= 0 (training-step indices) for {noise_schedule}")

@@ -8,13 +8,13 @@ Flow of a request ``TeacherCache(root).get_or_generate(spec, config)``:
    the model is never built.
 2. On a miss (under the key's writer lock) per-sample requests ``(sample_id, seed, condition)`` flow
    through ``ray.data`` ``map_batches`` into a pool of actors; each actor builds the model once and
-   runs :func:`pipeline.teacher.solve_teacher` per batch, writing one Parquet part (Arrow
+   runs :func:`pipeline.teacher.solve.solve_teacher` per batch, writing one Parquet part (Arrow
    fixed-shape tensor columns) into a fresh attempt folder and returning the part's checksum.
 3. The driver checks the parts and publishes the manifest last (pipeline.teacher.store): only then is
    the dataset visible. A failed generation deletes its attempt folder and publishes nothing.
 
 Loading (:meth:`CacheEntry.load`) verifies every file's size and sha256 and returns torch tensors
-ordered by sample id; :meth:`CacheEntry.as_ray_dataset` hands the same files to ``ray.data``.
+ordered by sample id (pipeline.teacher.dataset); :meth:`CacheEntry.as_ray_dataset` hands the same files to ``ray.data``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,15 @@ import pyarrow as pa
 import ray
 import torch
 from pyarrow import fs as pafs
-from torch import Tensor
 
 import ld3
+from pipeline.actor_pool import map_on_actor_pool, request_blocks
 from pipeline.devices import worker_device
-from pipeline.models.registry import ConditionValue, ModelSpec
-from pipeline.teacher.solve import NonFiniteTeacherError, TeacherBatch, TeacherConfig, solve_teacher
+from pipeline.errors import CacheCorruptError, TeacherGenerationError
+from pipeline.models.registry import ModelSpec
+from pipeline.teacher.dataset import TeacherDataset, column_layout, dataset_from_table, teacher_table
+from pipeline.teacher.solve import NonFiniteTeacherError, TeacherConfig, solve_teacher
 from pipeline.teacher.store import (
-    CacheCorruptError,
     canonical_json,
     delete_quietly,
     exclusive,
@@ -57,26 +57,12 @@ from pipeline.teacher.store import (
     write_parquet_part,
 )
 
-__all__ = [
-    "CacheCorruptError",
-    "CacheEntry",
-    "DEFAULT_ROOT",
-    "TeacherCache",
-    "TeacherDataset",
-    "TeacherGenerationError",
-    "cache_key",
-    "load_teacher",
-]
+__all__ = ["CacheEntry", "DEFAULT_ROOT", "TeacherCache", "TeacherDataset", "cache_key", "load_teacher"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the row layout or the meaning of a column changes
 DEFAULT_ROOT = "ld3_cache/teacher"
-TENSOR_COLUMNS = ("z", "y", "trajectory")
-
-
-class TeacherGenerationError(RuntimeError):
-    """Generating teacher data failed; nothing was published (the chained exception says why)."""
 
 
 # ---- the cache key --------------------------------------------------------------------------------
@@ -107,48 +93,6 @@ def cache_key(spec: ModelSpec, config: TeacherConfig) -> str:
     return sha256_hex(canonical_json(key_material(spec, config)))
 
 
-# ---- rows <-> Arrow ---------------------------------------------------------------------------------
-
-
-def _tensor_array(values: Tensor) -> pa.FixedShapeTensorArray:
-    """[B, *shape] tensor -> Arrow fixed-shape tensor column (bit-exact)."""
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values.detach().cpu().numpy()))
-
-
-def _condition_array(conditions: Sequence[ConditionValue]) -> pa.Array:
-    return pa.array(conditions, type=pa.string() if isinstance(conditions[0], str) else pa.int64())
-
-
-def _sample_columns(
-    sample_ids: Sequence[int], seeds: Sequence[int], conditions: Sequence[ConditionValue] | None
-) -> dict[str, pa.Array]:
-    """The per-sample identity columns: sample_id, seed and, when conditional, condition."""
-    columns = {"sample_id": pa.array(sample_ids, type=pa.int64()), "seed": pa.array(seeds, type=pa.int64())}
-    if conditions is not None:
-        columns["condition"] = _condition_array(conditions)
-    return columns
-
-
-def _teacher_table(
-    sample_ids: Sequence[int], seeds: Sequence[int], conditions: Sequence[ConditionValue] | None, batch: TeacherBatch
-) -> pa.Table:
-    """One Parquet part: sample_id, seed, [condition], z, y, [trajectory]."""
-    columns = _sample_columns(sample_ids, seeds, conditions)
-    columns |= {"z": _tensor_array(batch.z), "y": _tensor_array(batch.y)}
-    if batch.trajectory is not None:
-        columns["trajectory"] = _tensor_array(batch.trajectory)
-    return pa.table(columns)
-
-
-def _column_layout(batch: TeacherBatch) -> dict[str, dict[str, Any]]:
-    tensors = {"z": batch.z, "y": batch.y, "trajectory": batch.trajectory}
-    return {
-        name: {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
-        for name, t in tensors.items()
-        if t is not None
-    }
-
-
 # ---- generation on Ray actors -------------------------------------------------------------------------
 
 
@@ -170,40 +114,24 @@ class _TeacherWorker:
             batch = solve_teacher(self.model, self.config, seeds, conditions, self.device)
         except NonFiniteTeacherError as err:  # reported in the result: Ray Data would drop the exception's message
             return pa.table({"part": [json.dumps({"first_sample_id": min(sample_ids), "non_finite": str(err)})]})
-        table = _teacher_table(sample_ids, seeds, conditions, batch)
+        table = teacher_table(sample_ids, seeds, conditions, batch)
         record = write_parquet_part(self.filesystem, self.folder, f"part-{min(sample_ids):09d}.parquet", table)
         record.update(
             first_sample_id=min(sample_ids),
-            columns=_column_layout(batch),
+            columns=column_layout(batch),
             trajectory_sigmas=None if batch.trajectory_sigmas is None else batch.trajectory_sigmas.tolist(),
             device=str(self.device),
         )
         return pa.table({"part": [json.dumps(record)]})
 
 
-def _request_blocks(config: TeacherConfig) -> list[pa.Table]:
-    """Per-sample requests (sample_id, seed, condition), one Arrow block per batch."""
-    seeds, conditions = config.sample_seeds(), config.sample_conditions()
-    blocks = []
-    for start in range(0, config.num_samples, config.batch_size):
-        stop = min(start + config.batch_size, config.num_samples)
-        batch_conditions = None if conditions is None else conditions[start:stop]
-        blocks.append(pa.table(_sample_columns(range(start, stop), seeds[start:stop], batch_conditions)))
-    return blocks
-
-
 def _generate_parts(spec: ModelSpec, config: TeacherConfig, filesystem: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
     """Run the actor pool over all requests (Ray Data shows its own progress); return the part records."""
-    blocks = _request_blocks(config)
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        _TeacherWorker,
-        fn_constructor_kwargs={"build": spec.resolve(), "config": config, "filesystem": filesystem, "folder": folder},
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(config.concurrency, len(blocks))),  # no idle model copies
-        num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor,
-    )
+    blocks = request_blocks(config.sample_seeds(), config.sample_conditions(), config.batch_size)
+    dataset = map_on_actor_pool(
+        blocks, _TeacherWorker, {"build": spec.resolve(), "config": config, "filesystem": filesystem, "folder": folder},
+        batch_size=config.batch_size, concurrency=min(config.concurrency, len(blocks)),  # no idle model copies
+        num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor)
     return sorted((json.loads(row["part"]) for row in dataset.take_all()), key=lambda r: r["first_sample_id"])
 
 
@@ -260,112 +188,6 @@ def _manifest(key: str, spec: ModelSpec, config: TeacherConfig, attempt: str, pa
     }
 
 
-# ---- loaded data --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TeacherDataset:
-    """Teacher data as torch tensors, rows ordered by sample id (the trainer's input)."""
-
-    sample_id: Tensor  # [n] int64
-    seed: Tensor  # [n] int64
-    z: Tensor  # [n, *latent_shape] latents, x_T = sigma_max z
-    y: Tensor  # [n, *output_shape] teacher outputs (decoded for latent models)
-    trajectory: Tensor | None  # [n, NFE, *latent_shape] states at the teacher's denoiser calls, if kept
-    trajectory_sigmas: Tensor | None  # [NFE] float64 sigma of each of those calls
-    condition: Tensor | tuple[str, ...] | None  # [n] int64 class ids, or prompts, or None
-    metadata: dict[str, Any]  # the dataset's manifest
-
-    def __len__(self) -> int:
-        return int(self.sample_id.numel())
-
-    def subset(self, index: Tensor) -> TeacherDataset:
-        """Rows at positions ``index`` (a LongTensor)."""
-        index = index.to(self.sample_id.device)
-        condition = self.condition
-        if isinstance(condition, tuple):
-            condition = tuple(condition[i] for i in index.tolist())
-        elif condition is not None:
-            condition = condition[index]
-        return replace(
-            self,
-            sample_id=self.sample_id[index],
-            seed=self.seed[index],
-            z=self.z[index],
-            y=self.y[index],
-            trajectory=None if self.trajectory is None else self.trajectory[index],
-            condition=condition,
-        )
-
-    def split(self, num_train: int, num_validation: int | None = None) -> tuple[TeacherDataset, TeacherDataset]:
-        """Deterministic train/validation split by sample id: ids [0, num_train) and the next ``num_validation``."""
-        n = len(self)
-        if num_validation is None:
-            num_validation = n - num_train
-        if not (1 <= num_train and 1 <= num_validation and num_train + num_validation <= n):
-            raise ValueError(
-                f"need num_train >= 1, num_validation >= 1 and num_train + num_validation <= {n} samples, "
-                f"got num_train={num_train}, num_validation={num_validation}; generate more samples or split smaller"
-            )
-        positions = torch.arange(n, device=self.sample_id.device)
-        return self.subset(positions[:num_train]), self.subset(positions[num_train : num_train + num_validation])
-
-    def to(self, device: torch.device | str) -> TeacherDataset:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        condition = self.condition if isinstance(self.condition, tuple) else move(self.condition)
-        return replace(
-            self,
-            sample_id=move(self.sample_id),
-            seed=move(self.seed),
-            z=move(self.z),
-            y=move(self.y),
-            trajectory=move(self.trajectory),
-            condition=condition,
-        )
-
-
-def _tensor_column(table: pa.Table, name: str, layout: dict[str, Any], source: str) -> Tensor:
-    column = table.column(name).combine_chunks()
-    if not isinstance(column, pa.FixedShapeTensorArray):
-        raise CacheCorruptError(f"column {name!r} of {source} is {column.type}, not a fixed-shape tensor")
-    values = column.to_numpy_ndarray()
-    if list(values.shape[1:]) != layout["shape"] or str(values.dtype) != layout["dtype"]:
-        raise CacheCorruptError(
-            f"column {name!r} of {source} holds {values.dtype}{list(values.shape[1:])}, "
-            f"the manifest says {layout['dtype']}{layout['shape']}"
-        )
-    return torch.from_numpy(values.copy())
-
-
-def _dataset_from_table(table: pa.Table, manifest: dict[str, Any], source: str) -> TeacherDataset:
-    table = table.sort_by("sample_id")
-    sample_id = torch.from_numpy(table.column("sample_id").to_numpy().copy())
-    if not torch.equal(sample_id, torch.arange(manifest["num_rows"])):
-        raise CacheCorruptError(f"{source} does not hold each sample id 0..{manifest['num_rows'] - 1} exactly once")
-    layouts = manifest["columns"]
-    tensors = {name: _tensor_column(table, name, layouts[name], source) if name in layouts else None for name in TENSOR_COLUMNS}
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CacheCorruptError(f"column {name!r} of {source} holds NaN/Inf values; teacher data must be finite, "
-                                    "delete the dataset folder (TeacherCache.delete(key)) to regenerate it")
-    condition: Tensor | tuple[str, ...] | None = None
-    if manifest["condition"] == "prompt":
-        condition = tuple(table.column("condition").to_pylist())
-    elif manifest["condition"] == "class_id":
-        condition = torch.from_numpy(table.column("condition").to_numpy().copy())
-    sigmas = manifest["trajectory_sigmas"]
-    return TeacherDataset(
-        sample_id=sample_id,
-        seed=torch.from_numpy(table.column("seed").to_numpy().copy()),
-        z=tensors["z"],
-        y=tensors["y"],
-        trajectory=tensors["trajectory"],
-        trajectory_sigmas=None if sigmas is None else torch.tensor(sigmas, dtype=torch.float64),
-        condition=condition,
-        metadata=manifest,
-    )
-
-
 @dataclass(frozen=True)
 class CacheEntry:
     """A published teacher dataset: where it lives, its manifest, and whether the request was a cache hit."""
@@ -390,7 +212,7 @@ class CacheEntry:
     def load(self, device: torch.device | str | None = None) -> TeacherDataset:
         """All rows as torch tensors ordered by sample id, every file verified first."""
         tables = [read_verified_parquet(self.filesystem, self.folder, record) for record in self.manifest["files"]]
-        data = _dataset_from_table(pa.concat_tables(tables), self.manifest, self.uri)
+        data = dataset_from_table(pa.concat_tables(tables), self.manifest, self.uri)
         return data if device is None else data.to(device)
 
     def as_ray_dataset(self, verify: bool = True) -> ray.data.Dataset:

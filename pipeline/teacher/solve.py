@@ -22,6 +22,7 @@ from ld3.sampling import solve_from_latents
 from ld3.solvers import nfe as solver_nfe
 from ld3.solvers import solver_steps_for_nfe
 from ld3.utils import latents_from_seeds
+from pipeline.errors import check_int
 from pipeline.models.registry import ConditionValue, Denoiser, LoadedModel
 
 TEACHER_DTYPES: dict[str, torch.dtype] = {
@@ -29,11 +30,6 @@ TEACHER_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "float16": torch.float16,
 }
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"TeacherConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool) -> None:
@@ -76,22 +72,22 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         get_baseline(self.discretization)  # each check raises a ValueError that lists the valid choices
-        _check_int("order", self.order, 1)
-        _check_int("nfe", self.nfe, 1)
+        check_int("TeacherConfig", "order", self.order, 1)
+        check_int("TeacherConfig", "nfe", self.nfe, 1)
         solver_nfe(self.solver, self.n_steps, self.order)  # known solver, supported order, feasible NFE
         if self.dtype not in TEACHER_DTYPES:
             raise ValueError(f"TeacherConfig.dtype must be one of {sorted(TEACHER_DTYPES)}, got {self.dtype!r}")
-        _check_int("num_samples", self.num_samples, 1)
-        _check_int("seed_offset", self.seed_offset, 0)
+        check_int("TeacherConfig", "num_samples", self.num_samples, 1)
+        check_int("TeacherConfig", "seed_offset", self.seed_offset, 0)
         self._check_per_sample("seeds", self.seeds)
         if self.seeds is not None:
             for seed in self.seeds:
-                _check_int("seeds[...]", seed, 0)
+                check_int("TeacherConfig", "seeds[...]", seed, 0)
         self._check_per_sample("conditions", self.conditions)
         if self.conditions is not None and not (_all_class_ids(self.conditions) or _all_prompts(self.conditions)):
             raise ValueError("TeacherConfig.conditions must hold only integer class ids or only str prompts")
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("concurrency", self.concurrency, 1)
+        check_int("TeacherConfig", "batch_size", self.batch_size, 1)
+        check_int("TeacherConfig", "concurrency", self.concurrency, 1)
         _check_positive("num_gpus_per_actor", self.num_gpus_per_actor, allow_zero=True)
         _check_positive("num_cpus_per_actor", self.num_cpus_per_actor, allow_zero=False)
 

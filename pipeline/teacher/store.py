@@ -29,14 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from pipeline.errors import CacheCorruptError
 from pipeline.fileio import exclusive_lock
 
 MANIFEST_NAME = "manifest.json"
 _REMEDY = "delete the dataset folder <root>/<key>/ (TeacherCache.delete(key)) to regenerate it"
-
-
-class CacheCorruptError(RuntimeError):
-    """A cached dataset's file is missing, truncated, altered or unreadable; it is never used silently."""
 
 
 def canonical_json(value: Any) -> str:

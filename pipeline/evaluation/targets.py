@@ -1,0 +1,190 @@
+"""What the evaluation stage samples and what it returns: its settings (``EvaluationConfig``), the schedules
+(``ScheduleTarget``: a learned grid of an export, or a baseline the worker builds from the model's noise
+schedule) found in a study's cells or an exports folder, and the numbers of each schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ld3.discretizations import BASELINES, get_baseline
+from ld3.solvers import solver_steps_for_nfe
+from pipeline.errors import StudyInputError, check_int
+from pipeline.models.registry import ConditionValue
+from pipeline.recording.exports import ExportedSchedule, load_schedule
+from pipeline.recording.runs import Client, sibling_baseline_runs
+
+if TYPE_CHECKING:
+    from ld3.fid import FeatureStats
+    from pipeline.search.cell import CellResult
+
+LEARNED = "learned"  # name of a learned schedule among the baselines' names
+DEFAULT_SEED_OFFSET = 2_000_000  # above the teacher's seeds (0..) and the study's FD seeds (1,000,000..)
+FID, FD_EXACT, NUM_SAMPLES = "eval_fid", "eval_fd_exact", "eval_num_samples"
+FD_CLASSIFIER, CLASS_ACCURACY = "eval_fd_classifier", "eval_class_accuracy"  # models with their own metric (digits)
+GRID_ARTIFACT = "evaluation/samples.png"
+
+
+def fid_module() -> ModuleType:
+    """ld3.fid, imported on first use: it needs torchvision (the ``models`` extra), the study does not."""
+    import ld3.fid
+
+    return ld3.fid
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and what is evaluated
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Sample-quality evaluation settings. The first block decides the numbers; the second only where they run."""
+
+    num_samples: int = 50_000  # samples per schedule; published FIDs use 50,000
+    seed_offset: int = DEFAULT_SEED_OFFSET  # sample i has seed seed_offset + i; must miss the teacher's seeds
+    fid_reference: str | None = None  # .npz with mu/sigma, or a folder/.zip of real images (stats cached); None: no FID
+    inception_weights: str | None = None  # FID network file; None: the torch hub cache (ld3.fid.inception_weights_path)
+    baselines: tuple[str, ...] | None = None  # fixed grids evaluated beside the learned one; None: all of BASELINES
+    conditions: tuple[ConditionValue, ...] | None = None  # class ids or prompts, cycled over the samples; None: unconditional
+    grid_size: int = 8  # the sample grid artifact shows grid_size x grid_size samples (0: no grid)
+
+    batch_size: int = 1000  # samples per actor call; each call sends back one partial statistic per schedule (32 MB for FID)
+    device_batch_size: int = 100  # samples per solve / Inception pass on the device (bounds GPU memory)
+    concurrency: int = 1  # Ray actors, each holding the model and the Inception network once
+    num_gpus_per_actor: float = 0.0  # > 0 runs the actors on CUDA (fractions share a GPU)
+    num_cpus_per_actor: float = 1.0
+    actor_start_timeout_s: int = 1800  # sampling starts once every actor is up (an error after this long, not a hang)
+
+    def __post_init__(self) -> None:
+        check_int("EvaluationConfig", "num_samples", self.num_samples, 2)
+        check_int("EvaluationConfig", "seed_offset", self.seed_offset, 0)
+        check_int("EvaluationConfig", "grid_size", self.grid_size, 0)
+        check_int("EvaluationConfig", "batch_size", self.batch_size, 1)
+        check_int("EvaluationConfig", "device_batch_size", self.device_batch_size, 1)
+        check_int("EvaluationConfig", "concurrency", self.concurrency, 1)
+        check_int("EvaluationConfig", "actor_start_timeout_s", self.actor_start_timeout_s, 1)
+        for name in self.baselines or ():
+            get_baseline(name)  # ValueError listing the valid names
+        if self.conditions is not None:
+            kinds = {isinstance(c, str) for c in self.conditions}
+            if not self.conditions or len(kinds) > 1 or any(isinstance(c, bool) for c in self.conditions):
+                raise ValueError("EvaluationConfig.conditions must be a non-empty tuple of only class ids or only prompts")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor <= 0:
+            raise ValueError("EvaluationConfig.num_gpus_per_actor must be >= 0 and num_cpus_per_actor > 0, got "
+                             f"{self.num_gpus_per_actor} and {self.num_cpus_per_actor}")
+
+    def sample_seeds(self) -> range:
+        return range(self.seed_offset, self.seed_offset + self.num_samples)
+
+    def sample_condition(self, index: int) -> ConditionValue | None:
+        return None if self.conditions is None else self.conditions[index % len(self.conditions)]
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduleTarget:
+    """One schedule to evaluate: a learned grid (``sigmas`` given) or a baseline (built by the worker
+    from the model's noise schedule, exactly as the study built it)."""
+
+    model: str
+    solver: str
+    order: int
+    nfe: int
+    name: str  # LEARNED or a key of ld3.discretizations.BASELINES
+    sigmas: Tensor | None = None
+    sigmas_eval: Tensor | None = None
+    mlflow_run_id: str | None = None  # the trial's or baseline's run, where the metrics go
+    export_path: str | None = None  # the exported JSON of a learned schedule, where the metrics go too
+
+    def __post_init__(self) -> None:
+        if (self.sigmas is None) != (self.name != LEARNED):
+            raise ValueError(f"ScheduleTarget {self.name!r}: give sigmas exactly for a {LEARNED!r} schedule; "
+                             "baselines are built from the model's noise schedule")
+        if self.sigmas is None:
+            get_baseline(self.name)
+
+    @property
+    def cell(self) -> tuple[str, int, int]:
+        return self.solver, self.order, self.nfe
+
+    @property
+    def label(self) -> str:
+        return f"{self.solver}-o{self.order}/nfe{self.nfe}/{self.name}"
+
+    def grid(self, schedule: Any) -> tuple[Tensor, Tensor | None]:
+        """(sigmas, sigmas_eval) of this schedule for a model with noise schedule ``schedule``."""
+        if self.sigmas is not None:
+            return self.sigmas, self.sigmas_eval
+        return get_baseline(self.name)(solver_steps_for_nfe(self.solver, self.nfe), schedule), None
+
+
+def learned_target(exported: ExportedSchedule, export_path: str | Path | None = None) -> ScheduleTarget:
+    """The schedule of an exported JSON (its MLflow run from the provenance)."""
+    return ScheduleTarget(exported.model, exported.solver, exported.order, exported.nfe, LEARNED,
+                          sigmas=exported.sigmas, sigmas_eval=exported.sigmas_eval,
+                          mlflow_run_id=exported.provenance.mlflow_run_id,
+                          export_path=None if export_path is None else str(export_path))
+
+
+def targets_from_cells(model_id: str, cells: Iterable[CellResult],
+                       baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
+    """The exported best schedule and the baselines of each study cell."""
+    targets = []
+    for cell in cells:
+        if cell.export_path is not None:
+            targets.append(learned_target(load_schedule(cell.export_path), cell.export_path))
+        for name in sorted(BASELINES) if baselines is None else baselines:
+            run_id = cell.baselines.get(name, {}).get("mlflow_run_id")
+            targets.append(ScheduleTarget(model_id, cell.solver.name, cell.solver.order, cell.nfe, name,
+                                          mlflow_run_id=run_id))
+    return targets
+
+
+def targets_from_exports(exports_dir: str | Path, *, model: str | None = None, client: Client | None = None,
+                         baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
+    """The schedules exported in ``exports_dir`` (of ``model`` only, if given) and the baselines of their cells;
+    with ``client``, each baseline is matched to the study's baseline run of the same cell."""
+    folder = Path(exports_dir).expanduser()
+    if not folder.is_dir():
+        raise StudyInputError(f"exports_dir {folder} is not a folder; pass the --exports-dir of the study")
+    exported = [(path, load_schedule(path)) for path in sorted(folder.glob("*.json"))]
+    exported = [(path, e) for path, e in exported if model is None or e.model == model]
+    if not exported:
+        raise StudyInputError(f"exports_dir {folder} holds no exported schedules{f' of model {model!r}' if model else ''}")
+    targets = []
+    for path, schedule in exported:
+        targets.append(learned_target(schedule, path))
+        run_ids = sibling_baseline_runs(client, schedule.provenance.mlflow_run_id) if client is not None else {}
+        for name in sorted(BASELINES) if baselines is None else baselines:
+            targets.append(ScheduleTarget(schedule.model, schedule.solver, schedule.order, schedule.nfe, name,
+                                          mlflow_run_id=run_ids.get(name)))
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ScheduleEvaluation:
+    """The numbers of one schedule."""
+
+    target: ScheduleTarget
+    metrics: dict[str, float]  # eval_num_samples, and eval_fid and/or eval_fd_exact
+    feature_stats: FeatureStats | None  # Inception pool3 statistics of the samples (FID)
+    data_stats: FeatureStats | None  # data-space statistics of the samples (exact FD)
+    grid: Tensor | None  # uint8 [grid_size², 3, H, W]: the first samples by seed, for the grid image
+    nodes: tuple[str, ...]  # Ray node ids of the actors that sampled it
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationResult:
+    config: EvaluationConfig
+    schedules: tuple[ScheduleEvaluation, ...]
+
+    @property
+    def nodes(self) -> set[str]:
+        return {node for evaluation in self.schedules for node in evaluation.nodes}
