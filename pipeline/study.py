@@ -68,6 +68,8 @@ from pipeline.tracking import (
     failure_reason,
     mlflow_retry_env,
     plot_learned_vs_baseline,
+    probe_server,
+    resolve_tracking_uri,
     tracking_outage,
 )
 
@@ -321,6 +323,19 @@ def check_paths(options: StudyOptions) -> None:
             resolve_root(path)
         except ValueError as err:
             raise ValueError(f"{argument}: {err}") from None
+
+
+def check_study(study: StudyConfig, options: StudyOptions) -> None:
+    """Every check a study makes before it writes anything (``run_study`` and ``--dry-run``): folders, the Ray
+    address, resources, the tracking URI's form and, with the evaluation stage on, its weights and statistics."""
+    check_paths(options)
+    check_ray_address(options.address)
+    check_resources(study, options)
+    tracking_uri = resolve_tracking_uri(options.tracking_uri, options.work_dir)
+    if tracking_uri.startswith(("http://", "https://")):
+        probe_server(tracking_uri)
+    if study.evaluation is not None:
+        check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
 
 
 def check_resources(study: StudyConfig, options: StudyOptions) -> None:
@@ -742,11 +757,7 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
 
 def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> StudyResult:
     """Run (or resume) a whole study; see the module docstring."""
-    check_paths(options)
-    check_ray_address(options.address)
-    check_resources(study, options)
-    if study.evaluation is not None:
-        check_evaluation(study.evaluation, study.teacher.sample_seeds())  # missing weights/stats fail before the search
+    check_study(study, options)
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
     with study_lock(options.storage_dir, study.name):  # one driver per study: a second one is refused
         return _run_locked(study, options)
