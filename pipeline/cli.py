@@ -16,10 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from pipeline.driver import StudyConfig, StudyOptions, StudyResult, run_study
+from pipeline.driver import StudyConfig, StudyOptions, StudyResult, check_study, run_study
 from pipeline.errors import StudyInputError, as_input_error
 from pipeline.evaluation.report import format_evaluation_table
 from pipeline.evaluation.targets import EvaluationConfig
+from pipeline.recording.exports import study_exports_dir
+from pipeline.recording.tracking import resolve_tracking_uri
 from pipeline.search.space import SolverChoice
 from pipeline.summary import format_table, incomplete_cells
 
@@ -96,6 +98,8 @@ def build_parser(description: str, defaults: StudyConfig | None = None) -> argpa
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial"
                    + _study_default(defaults, lambda d: f"{d.cpus_per_trial:g}"))
     p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every input and print the study's plan, then exit without writing anything")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="show the libraries' own output too: Ray, Tune (its tables with -vv), MLflow, Optuna logging")
     evaluation = p.add_argument_group("evaluation stage (after the search; any of these turns it on)")
@@ -150,6 +154,23 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
                         resume=not args.no_resume, verbose=args.verbose)
 
 
+def plan(study: StudyConfig, options: StudyOptions) -> str:
+    """What ``--dry-run`` prints: the study's shape and where it would write (all inputs already checked)."""
+    cells = len(study.solvers) * len(study.nfes)
+    teacher = study.teacher
+    return "\n".join([
+        f"Study {study.name!r} on {study.model.model_id}: inputs checked, nothing written (--dry-run).",
+        f"  teacher:    {teacher.solver}-o{teacher.order} NFE {teacher.nfe}, {teacher.num_samples} samples "
+        f"({study.num_train} train + {study.num_validation} validation)",
+        f"  cells:      {cells} = solvers {', '.join(c.label for c in study.solvers)} x NFE "
+        f"{', '.join(map(str, study.nfes))}; {study.num_trials} trials each, {study.max_concurrent} at once",
+        f"  evaluation: {'off' if study.evaluation is None else f'{study.evaluation.num_samples} samples per schedule'}",
+        f"  tracking:   {resolve_tracking_uri(options.tracking_uri, options.work_dir)}",
+        f"  exports:    {study_exports_dir(options.exports_dir, study.name)}",
+        f"  cache:      {options.cache_dir}    Tune state: {options.storage_dir}",
+    ])
+
+
 def report(result: StudyResult) -> str:
     """The closing text: the table, and where everything is."""
     lines = [
@@ -196,6 +217,10 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     try:
         with as_input_error():  # building the config from the flags only checks input
             config = apply_overrides(make_config(args), args)
+        if args.dry_run:
+            check_study(config, options_from_args(args))
+            print(plan(config, options_from_args(args)))
+            return 0
         result = run_study(config, options_from_args(args))
     except USER_ERRORS as err:
         if args.verbose:

@@ -37,7 +37,7 @@ from pipeline.preflight import check_paths, check_ray_address, check_resources, 
 from pipeline.progress import StudyProgress
 from pipeline.recording.exports import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.recording.runs import StudyTracker
-from pipeline.recording.tracking import TAG_BEST, mlflow_retry_env, tracking_outage
+from pipeline.recording.tracking import TAG_BEST, mlflow_retry_env, probe_server, resolve_tracking_uri, tracking_outage
 from pipeline.search.cell import QUALITY_KEYS, CellContext, CellResult, SearchSettings
 from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.search.tuner import close_trial_runs, run_search, submit_baselines, summarise_trials, with_baselines
@@ -146,13 +146,18 @@ class StudyResult:
 # ---------------------------------------------------------------------------------------------
 # Input checks (before anything is written)
 # ---------------------------------------------------------------------------------------------
-def check_inputs(study: StudyConfig, options: StudyOptions) -> None:
-    """Everything checkable before the study writes anything; a failure is a project error (one line)."""
+def check_study(study: StudyConfig, options: StudyOptions) -> None:
+    """Every check a study makes before it writes anything (``run_study`` and ``--dry-run``): folders, the Ray
+    address, resources, the tracking URI's form (and that a tracking server answers) and, with the evaluation
+    stage on, its weights and statistics. A failure is a project error (one line)."""
     with as_input_error():
         check_paths({"--cache-dir": options.cache_dir, "--exports-dir": options.exports_dir,
                      "--storage-dir": options.storage_dir})
         check_ray_address(options.address)
         check_resources(_resource_asks(study), options.num_cpus, options.address)
+        tracking_uri = resolve_tracking_uri(options.tracking_uri, options.work_dir)
+        if tracking_uri.startswith(("http://", "https://")):
+            probe_server(tracking_uri)
         if study.evaluation is not None:  # missing weights/stats fail before the search
             check_evaluation(study.evaluation, study.teacher.sample_seeds())
 
@@ -179,7 +184,7 @@ def _absolute_paths(options: StudyOptions) -> StudyOptions:
 # ---------------------------------------------------------------------------------------------
 def run_study(study: StudyConfig, options: StudyOptions = StudyOptions()) -> StudyResult:
     """Run (or resume) a whole study; see the module docstring."""
-    check_inputs(study, options)
+    check_study(study, options)
     options = _absolute_paths(options)  # Tune runs trials in their own working directories
     with study_lock(options.storage_dir, study.name):  # one driver per study: a second one is refused
         return _run_locked(study, options)

@@ -27,7 +27,8 @@ import gmm as gmm_study  # noqa: E402
         (["--exports-dir", "{blocker}/exports"], "--exports-dir"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys, closed_port):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, dry_run, tmp_path, capsys, closed_port):
     blocker = tmp_path / "a-file"  # a folder below a regular file cannot be created, even by root
     blocker.write_text("")
     work = tmp_path / "work"
@@ -36,12 +37,24 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     defaults = ["--smoke-test", "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--cache-dir", str(work / "cache"),
                 "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "tune")]
     with pytest.raises(SystemExit) as exit_info:
-        sys.exit(main(gmm_study.make_config, "test", defaults + argv))
-    assert exit_info.value.code != 0
+        sys.exit(main(gmm_study.make_config, "test", defaults + argv + dry_run))
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err, err
     assert not ray.is_initialized()
     assert not any(work.iterdir())  # no folder (cache, exports, tune) and no mlflow.db: nothing is written
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["--dry-run", "--nfe", "4,6", "--solvers", "ipndm:3", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+            "--cache-dir", str(work / "cache"), "--exports-dir", str(work / "exports"), "--storage-dir", str(work / "t")]
+    assert main(gmm_study.make_config, "test", argv) == 0
+    out = capsys.readouterr().out
+    assert "cells:      2 = solvers ipndm-o3 x NFE 4, 6; 8 trials each" in out, out
+    assert f"exports:    {work / 'exports' / 'gmm'}" in out
+    assert not any(work.iterdir()) and not ray.is_initialized()
 
 
 def test_a_solver_without_order_gets_its_highest_order():

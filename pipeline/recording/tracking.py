@@ -77,7 +77,7 @@ def connect(tracking_uri: str, probe_timeout_s: float = PROBE_TIMEOUT_S) -> Mlfl
     if scheme == "sqlite":
         _check_sqlite_folder(tracking_uri)
     elif scheme in ("http", "https"):
-        _probe_server(tracking_uri, probe_timeout_s)
+        probe_server(tracking_uri, probe_timeout_s)
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
@@ -101,7 +101,8 @@ def _check_sqlite_folder(tracking_uri: str) -> None:
         ensure_writable_dir(db_path.parent, f"tracking URI {tracking_uri}")
 
 
-def _probe_server(tracking_uri: str, timeout_s: float) -> None:
+def probe_server(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """An HTTP(S) tracking server answers within ``timeout_s`` (TrackingError otherwise); writes nothing."""
     try:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s):
             pass
@@ -132,7 +133,7 @@ def tracking_outage(tracking_uri: str) -> TrackingError | None:
     if urllib.parse.urlsplit(tracking_uri).scheme not in ("http", "https"):
         return None
     try:
-        _probe_server(tracking_uri, PROBE_TIMEOUT_S)
+        probe_server(tracking_uri, PROBE_TIMEOUT_S)
     except TrackingError:
         return TrackingError(f"tracking server {tracking_uri} stopped answering during the study; restart it and "
                              "rerun the same command to resume")
