@@ -1,6 +1,6 @@
 """LD3Scheduler in real diffusers pipelines reproduces ld3.sampling.sample (every solver, decoupled or not).
 
-Models: the project's tiny random checkpoints (pipeline/smoke_models.py) of the pixel (DDPMPipeline), latent
+Models: the project's tiny random checkpoints (pipeline/models/smoke.py) of the pixel (DDPMPipeline), latent
 (LDMPipeline, VQ autoencoder; DiTPipeline, class-conditional with CFG) and Stable Diffusion
 (StableDiffusionPipeline, CFG 7.5) families; the EDM network pickle and the exact Gaussian mixture (EDM schedule)
 in a hand-written diffusers-style loop (diffusers has no pipeline for EDM pickles).
