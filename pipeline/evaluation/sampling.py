@@ -30,6 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ld3.metrics import frechet_distance
+from pipeline.actor_pool import map_on_actor_pool
+from pipeline.errors import StudyInputError
 from pipeline.evaluation.targets import (
     CLASS_ACCURACY,
     FD_CLASSIFIER,
@@ -42,7 +44,7 @@ from pipeline.evaluation.targets import (
     ScheduleTarget,
     fid_module,
 )
-from pipeline.evaluation.workers import _Partial, _request_blocks, _SampleStatsWorker
+from pipeline.evaluation.workers import _Partial, _SampleStatsWorker, evaluation_requests
 from pipeline.models.registry import ModelSpec
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def check_evaluation(config: EvaluationConfig, reserved_seeds: Iterable[int] = (
     seeds = config.sample_seeds()
     clashes = sorted(s for s in reserved_seeds if s in seeds)
     if clashes:
-        raise ValueError(
+        raise StudyInputError(
             f"EvaluationConfig.seed_offset={config.seed_offset}: evaluation seeds {seeds.start}..{seeds.stop - 1} "
             f"include {len(clashes)} teacher seed(s), e.g. {clashes[0]}; choose a seed_offset above the teacher's seeds"
         )
@@ -168,21 +170,13 @@ def evaluate_schedules(
     if not targets:
         raise ValueError("targets is empty; pass the schedules to evaluate (targets_from_cells / targets_from_exports)")
     reference = check_evaluation(config, reserved_seeds)
-    # from_blocks keeps one block per batch (each actor call gets one) and, unlike from_arrow, needs no Ray
-    # task per block to read its metadata.
-    dataset = ray.data.from_blocks(_request_blocks(targets, config)).map_batches(
-        _SampleStatsWorker,
-        fn_constructor_kwargs={"build": spec.resolve(), "targets": targets, "config": config, "dtype": dtype},
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor,
-    )
-    # Start every actor before the first batch, so that the work spreads over all of them (and their nodes)
+    # Every actor starts before the first batch, so that the work spreads over all of them (and their nodes)
     # however small the evaluation; errors raised by the worker code are not wrapped by Ray Data.
-    dataset.context.wait_for_min_actors_s = config.actor_start_timeout_s
-    dataset.context.raise_original_map_exception = True
+    dataset = map_on_actor_pool(
+        evaluation_requests(targets, config), _SampleStatsWorker,
+        {"build": spec.resolve(), "targets": targets, "config": config, "dtype": dtype},
+        batch_size=config.batch_size, concurrency=config.concurrency, num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor, start_all_actors_s=config.actor_start_timeout_s, raise_original=True)
     totals = [_Totals() for _ in targets]
     total = len(targets) * config.num_samples
     with tqdm(total=total, unit="sample", desc=f"evaluating {len(targets)} schedules", disable=not show_progress) as bar:

@@ -19,7 +19,9 @@ from ld3.metrics import mixture_moments
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample
 from ld3.utils import latents_from_seeds
+from pipeline.actor_pool import request_blocks
 from pipeline.devices import worker_device
+from pipeline.errors import StudyInputError
 from pipeline.evaluation.targets import EvaluationConfig, ScheduleTarget, fid_module
 from pipeline.models.registry import ConditionValue, LoadedModel
 
@@ -84,7 +86,7 @@ class _SampleStatsWorker:
     def __call__(self, requests: pa.Table) -> pa.Table:
         # Raised here, not in __init__, to reach the caller as itself rather than as a dead actor.
         if self.extractor is None and self.data_reference is None and self.quality_reference is None:
-            raise ValueError(
+            raise StudyInputError(
                 "EvaluationConfig.fid_reference is required: this model has no metric of its own (the Gaussian "
                 "mixture's exact moments, the digits model's classifier); give FID reference statistics")
         columns = requests.to_pydict()
@@ -135,17 +137,10 @@ class _SampleStatsWorker:
                       cond=cond, decode=self.model.decode, batch_size=len(seeds))
 
 
-def _request_blocks(targets: Sequence[ScheduleTarget], config: EvaluationConfig) -> list[pa.Table]:
+def evaluation_requests(targets: Sequence[ScheduleTarget], config: EvaluationConfig) -> list[pa.Table]:
     """Per-sample requests (target, sample_index, seed[, condition]), one Arrow block per batch of a schedule."""
-    seeds = config.sample_seeds()
-    blocks = []
-    for target in range(len(targets)):
-        for start in range(0, config.num_samples, config.batch_size):
-            index = range(start, min(start + config.batch_size, config.num_samples))
-            columns = {"target": pa.array([target] * len(index), pa.int64()),
-                       "sample_index": pa.array(list(index), pa.int64()),
-                       "seed": pa.array([seeds[i] for i in index], pa.int64())}
-            if config.conditions is not None:
-                columns["condition"] = pa.array([config.sample_condition(i) for i in index])
-            blocks.append(pa.table(columns))
-    return blocks
+    seeds = list(config.sample_seeds())
+    conditions = None if config.conditions is None else [config.sample_condition(i) for i in range(config.num_samples)]
+    return [block for target in range(len(targets))
+            for block in request_blocks(seeds, conditions, config.batch_size, id_column="sample_index",
+                                        constants={"target": target})]
