@@ -140,7 +140,6 @@ def tracking_outage(tracking_uri: str) -> TrackingError | None:
     return None
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Values: provenance, params, JSON
 
