@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ld3.schedules import EDMSchedule, NoiseSchedule
+from ld3.solvers import nfe as solver_nfe
 from pipeline.recording.exports import INTERPOLATED_MODE, ExportedSchedule, build_export
 
 
@@ -59,13 +60,11 @@ def loglinear_interpolation(sigmas: Tensor, n_steps: int) -> Tensor:
 def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: NoiseSchedule, source: str) -> ExportedSchedule:
     """``exported`` resized to ``n_steps`` steps by :func:`loglinear_interpolation` (σ and σ_eval alike), labelled
     as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``."""
-    from ld3.solvers.registry import get_spec
-
     return build_export(
         sigmas=loglinear_interpolation(exported.sigmas, n_steps),
         sigmas_eval=None if exported.sigmas_eval is None else loglinear_interpolation(exported.sigmas_eval, n_steps),
         noise_schedule=schedule, model=exported.model, solver=exported.solver, order=exported.order,
-        nfe=get_spec(exported.solver).calls_per_step * n_steps, mode=INTERPOLATED_MODE, metrics={},
+        nfe=solver_nfe(exported.solver, n_steps), mode=INTERPOLATED_MODE, metrics={},
         config={"not_learned": f"log-sigma interpolation of {source} ({exported.n_steps} steps, mode {exported.mode}) "
                                f"to {n_steps} steps", "source_config": exported.provenance.config},
         teacher_cache_key=exported.provenance.teacher_cache_key, study=exported.provenance.study,
