@@ -196,8 +196,9 @@ def _quiet_libraries() -> None:
 
     for name in ("ray", "ray.train", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray Data warns that its progress bars are off; Tune that result processing is slow on a loaded machine.
-    for name in ("ray.data", "ray.tune"):
+    # Ray Data warns that its progress bars are off; Tune that result processing is slow on a loaded machine;
+    # Ray that the in-process cluster it starts uses token authentication (its default, kept).
+    for name in ("ray.data", "ray.tune", "ray._private.authentication"):
         logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
