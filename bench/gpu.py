@@ -617,8 +617,8 @@ def main() -> None:
     parser.add_argument("--bundle-sizes", default=None, help="trials per bundle K (default 1,2,4,8,16; --tiny 1,2,4)")
     parser.add_argument("--bundle-rounds", default=None,
                         help="rounds 'v1,v2' of the bundles' trials (default: the recipe's 2,5; --tiny 1,1)")
-    parser.add_argument("--slack-rows", type=int, default=100,
-                        help="rows of the bundles' validation slack pass, about (memory; default 100)")
+    parser.add_argument("--slack-rows", type=int, default=50,
+                        help="rows of the bundles' validation slack pass, about (memory; default 50)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -237,3 +237,18 @@ def test_per_sample_grids_are_validated(gmm):
         sample(gmm, "unipc_bh1", 3, grids, z)
     with pytest.raises(ValueError, match=r"or one such grid per sample \[2, N\+1\]"):
         unipc_bh1(gmm, z, torch.stack([edm_rho(4, SCHEDULE)] * 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_graphed_bundle_on_cuda_trains_each_trial_like_a_graphed_run_alone(gmm, data):
+    """float64 on the GPU, graphed solves: the same steps, schedules and losses to rounding (float32 rounding,
+    grown by RMSprop's normalised steps, reaches ~1e-2 in a sigma of this short run: float64 makes it testable)."""
+    cuda = gmm.to(device="cuda", dtype=torch.float64)
+    moved = [TeacherData(d.z.to("cuda"), d.y.to("cuda")) for d in data]
+    configs = [dataclasses.replace(c, cuda_graphs=True) for c in TRIALS]
+    outcomes = LD3Bundle(cuda, "unipc_bh1", 3, SCHEDULE, *moved, configs, nfe=NFE).run()
+    for config, outcome in zip(configs, outcomes, strict=True):
+        single = train_ld3(cuda, "unipc_bh1", 3, SCHEDULE, *moved, config, nfe=NFE)
+        assert outcome.steps == single.steps
+        torch.testing.assert_close(outcome.sigmas, single.sigmas, rtol=1e-7, atol=0)
+        assert outcome.final_val_loss == pytest.approx(single.final_val_loss, rel=1e-7)
