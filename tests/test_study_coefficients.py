@@ -22,6 +22,7 @@ from ld3.sampling import sample, schedule_loss
 from ld3.solvers import coefficient_shape
 from ld3.train import LD3Config
 from ld3.utils import latents_from_seeds
+from pipeline.cli import apply_overrides, build_parser
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
 from pipeline.evaluate import FD_EXACT, LEARNED, EvaluationConfig, format_evaluation_table
 from pipeline.export import load_schedule
@@ -170,3 +171,14 @@ def test_bad_coefficient_options_are_one_line_errors_before_anything_runs():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="cuda_graphs"):
         replace(smoke, trainer=replace(smoke.trainer, cuda_graphs=True), search=SearchSpace(learn_coefficients=(True,)))
+
+
+def test_the_command_line_flag_sets_the_option():
+    parser = build_parser("test", defaults=gmm_study.STUDY)
+    assert "(default: off)" in parser.format_help()
+    base = gmm_study.make_config(argparse.Namespace(smoke_test=True))
+    assert apply_overrides(base, parser.parse_args([])).search.learn_coefficients == (False,)
+    searched = apply_overrides(base, parser.parse_args(["--learn-coefficients", "search"]))
+    assert searched.search.learn_coefficients == (False, True) and searched.search.lr_coef == base.search.lr_coef
+    with pytest.raises(ValueError, match="'heun' has no learnable coefficients"):
+        apply_overrides(base, parser.parse_args(["--learn-coefficients", "on", "--solvers", "heun:2"]))
