@@ -24,7 +24,7 @@ from ld3.train import LD3Config
 from ld3.utils import latents_from_seeds
 from pipeline.cli import apply_overrides, build_parser
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
-from pipeline.evaluate import FD_EXACT, LEARNED, EvaluationConfig, format_evaluation_table
+from pipeline.evaluate import FD_EXACT, LEARNED, EvaluationConfig, format_evaluation_table, targets_from_exports
 from pipeline.export import load_schedule
 from pipeline.export_cli import main as export_cli
 from pipeline.study import SearchSpace, SolverChoice, StudyOptions, hyperparameters_to_config, run_study
@@ -182,3 +182,16 @@ def test_the_command_line_flag_sets_the_option():
     assert searched.search.learn_coefficients == (False, True) and searched.search.lr_coef == base.search.lr_coef
     with pytest.raises(ValueError, match="'heun' has no learnable coefficients"):
         apply_overrides(base, parser.parse_args(["--learn-coefficients", "on", "--solvers", "heun:2"]))
+
+
+def test_evaluating_the_exports_afterwards_takes_the_grids_the_study_logged(study_run):
+    study, options, result = study_run
+    (cell,) = result.cells
+    folder = Path(cell.export_path).parent
+    with_runs = {t.name: t for t in targets_from_exports(folder, client=MlflowClient(options.tracking_uri))}
+    assert set(with_runs) == {LEARNED, *cell.baselines}
+    assert with_runs["gits"].sigmas.tolist() == cell.baselines["gits"]["sigmas"]
+    assert with_runs["gits"].mlflow_run_id == cell.baselines["gits"]["mlflow_run_id"]
+    assert with_runs[LEARNED].coefficients is not None
+    alone = {t.name: t for t in targets_from_exports(folder)}  # no tracking server: GITS cannot be rebuilt
+    assert set(alone) == {LEARNED, *cell.baselines} - {"gits"} and alone["dmn"].sigmas is None
