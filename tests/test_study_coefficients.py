@@ -24,9 +24,17 @@ from ld3.train import LD3Config
 from ld3.utils import latents_from_seeds
 from pipeline.cli import apply_overrides, build_parser
 from pipeline.consumers.diffusers_scheduler import LD3Scheduler
-from pipeline.evaluate import FD_EXACT, LEARNED, EvaluationConfig, format_evaluation_table, targets_from_exports
+from pipeline.evaluate import (
+    FD_EXACT,
+    LEARNED,
+    EvaluationConfig,
+    ScheduleTarget,
+    format_evaluation_table,
+    targets_from_exports,
+)
 from pipeline.export import load_schedule
 from pipeline.export_cli import main as export_cli
+from pipeline.models import gmm_spec
 from pipeline.study import SearchSpace, SolverChoice, StudyOptions, hyperparameters_to_config, run_study
 from pipeline.teacher_cache import TeacherCache
 
@@ -195,3 +203,16 @@ def test_evaluating_the_exports_afterwards_takes_the_grids_the_study_logged(stud
     assert with_runs[LEARNED].coefficients is not None
     alone = {t.name: t for t in targets_from_exports(folder)}  # no tracking server: GITS cannot be rebuilt
     assert set(alone) == {LEARNED, *cell.baselines} - {"gits"} and alone["dmn"].sigmas is None
+
+
+def test_baseline_targets_name_a_known_baseline_and_gits_needs_the_studys_grid():
+    assert EvaluationConfig(baselines=("gits", "dmn", "ays_sd15")).baselines == ("gits", "dmn", "ays_sd15")
+    with pytest.raises(ValueError, match="unknown baseline 'nosuch'"):
+        ScheduleTarget("m", "ipndm", 3, 4, "nosuch")
+    with pytest.raises(ValueError, match="give the study's GITS grid"):
+        ScheduleTarget("m", "ipndm", 3, 4, "gits")
+    with pytest.raises(ValueError, match="a baseline has no sigmas_eval or coefficients"):
+        ScheduleTarget("m", "ipndm", 3, 4, "dmn", coefficients=torch.zeros(4, 3))
+    dmn = ScheduleTarget("m", "ipndm", 3, 4, "dmn")  # data-free: the worker builds it from the noise schedule
+    sigmas, _ = dmn.grid(gmm_spec(seed=0).build(dtype=torch.float64).schedule)
+    assert sigmas.shape == (5,) and bool((sigmas.diff() < 0).all())
