@@ -23,8 +23,10 @@ vs baselines, like the paper's tables), :func:`evaluate_study` (the study's opti
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,7 +45,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ld3.discretizations import BASELINES, get_baseline
+from ld3.baselines import (
+    AYS_MODEL_OF_FAMILY,
+    BASELINE_NAMES,
+    GITS,
+    check_baseline_name,
+    named_grid,
+    study_baseline_names,
+)
 from ld3.metrics import frechet_distance
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample
@@ -97,7 +106,9 @@ class EvaluationConfig:
     seed_offset: int = DEFAULT_SEED_OFFSET  # sample i has seed seed_offset + i; must miss the teacher's seeds
     fid_reference: str | None = None  # .npz with mu/sigma, or a folder/.zip of real images (stats cached); None: no FID
     inception_weights: str | None = None  # FID network file; None: the torch hub cache (ld3.fid.inception_weights_path)
-    baselines: tuple[str, ...] | None = None  # fixed grids evaluated beside the learned one; None: all of BASELINES
+    # Baselines evaluated beside the learned schedule (names of ld3.baselines.BASELINE_NAMES); None: every one the
+    # study computed for the cell (ld3.baselines.cell_baselines: the fixed grids, GITS, DMN, AYS where published).
+    baselines: tuple[str, ...] | None = None
     conditions: tuple[ConditionValue, ...] | None = None  # class ids or prompts, cycled over the samples; None: unconditional
     grid_size: int = 8  # the sample grid artifact shows grid_size x grid_size samples (0: no grid)
 
@@ -117,7 +128,7 @@ class EvaluationConfig:
         _check_int("concurrency", self.concurrency, 1)
         _check_int("actor_start_timeout_s", self.actor_start_timeout_s, 1)
         for name in self.baselines or ():
-            get_baseline(name)  # ValueError listing the valid names
+            check_baseline_name(name)  # ValueError listing the valid names
         if self.conditions is not None:
             kinds = {isinstance(c, str) for c in self.conditions}
             if not self.conditions or len(kinds) > 1 or any(isinstance(c, bool) for c in self.conditions):
@@ -135,25 +146,32 @@ class EvaluationConfig:
 
 @dataclass(frozen=True, eq=False)
 class ScheduleTarget:
-    """One schedule to evaluate: a learned grid (``sigmas`` given) or a baseline (built by the worker
-    from the model's noise schedule, exactly as the study built it)."""
+    """One schedule to evaluate: a learned grid (``sigmas`` given, with its learned solver ``coefficients`` if
+    any) or a baseline: the grid the study computed for the cell (``sigmas`` given; GITS depends on the model's
+    teacher trajectories) or one the worker builds from the model's noise schedule alone (``sigmas`` None)."""
 
     model: str
     solver: str
     order: int
     nfe: int
-    name: str  # LEARNED or a key of ld3.discretizations.BASELINES
+    name: str  # LEARNED or a name of ld3.baselines.BASELINE_NAMES
     sigmas: Tensor | None = None
     sigmas_eval: Tensor | None = None
     mlflow_run_id: str | None = None  # the trial's or baseline's run, where the metrics go
     export_path: str | None = None  # the exported JSON of a learned schedule, where the metrics go too
+    coefficients: Tensor | None = None  # learned solver coefficient corrections of a learned schedule, or None
 
     def __post_init__(self) -> None:
-        if (self.sigmas is None) != (self.name != LEARNED):
-            raise ValueError(f"ScheduleTarget {self.name!r}: give sigmas exactly for a {LEARNED!r} schedule; "
-                             "baselines are built from the model's noise schedule")
-        if self.sigmas is None:
-            get_baseline(self.name)
+        if self.name == LEARNED:
+            if self.sigmas is None:
+                raise ValueError(f"ScheduleTarget {LEARNED!r}: give the learned sigmas (baselines may omit theirs)")
+            return
+        check_baseline_name(self.name)
+        if self.sigmas_eval is not None or self.coefficients is not None:
+            raise ValueError(f"ScheduleTarget {self.name!r}: a baseline has no sigmas_eval or coefficients")
+        if self.sigmas is None and self.name == GITS:
+            raise ValueError("ScheduleTarget 'gits': give the study's GITS grid (it depends on the model's teacher "
+                             "trajectories, so the worker cannot rebuild it)")
 
     @property
     def cell(self) -> tuple[str, int, int]:
@@ -163,39 +181,45 @@ class ScheduleTarget:
     def label(self) -> str:
         return f"{self.solver}-o{self.order}/nfe{self.nfe}/{self.name}"
 
-    def grid(self, schedule: Any) -> tuple[Tensor, Tensor | None]:
-        """(sigmas, sigmas_eval) of this schedule for a model with noise schedule ``schedule``."""
+    def grid(self, schedule: Any, latent: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sigmas, sigmas_eval) of this schedule for a model with noise schedule ``schedule`` (``latent``: a
+        latent model, for DMN's recipe)."""
         if self.sigmas is not None:
             return self.sigmas, self.sigmas_eval
-        return get_baseline(self.name)(solver_steps_for_nfe(self.solver, self.nfe), schedule), None
+        return named_grid(self.name, solver_steps_for_nfe(self.solver, self.nfe), schedule, latent=latent), None
 
 
 def learned_target(exported: ExportedSchedule, export_path: str | Path | None = None) -> ScheduleTarget:
-    """The schedule of an exported JSON (its MLflow run from the provenance)."""
+    """The schedule of an exported JSON, learned coefficients included (its MLflow run from the provenance)."""
     return ScheduleTarget(exported.model, exported.solver, exported.order, exported.nfe, LEARNED,
-                          sigmas=exported.sigmas, sigmas_eval=exported.sigmas_eval,
+                          sigmas=exported.sigmas, sigmas_eval=exported.sigmas_eval, coefficients=exported.coefficients,
                           mlflow_run_id=exported.provenance.mlflow_run_id,
                           export_path=None if export_path is None else str(export_path))
 
 
 def targets_from_cells(model_id: str, cells: Iterable[CellResult],
                        baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
-    """The exported best schedule and the baselines of each study cell."""
+    """The exported best schedule of each study cell and the cell's baselines, with the grids the study computed
+    and scored for them (``CellResult.baselines``, from ld3.baselines.cell_baselines): all of them, or those of
+    ``baselines`` the cell has (a baseline the study could not compute for the model, e.g. AYS, is left out)."""
     targets = []
     for cell in cells:
         if cell.export_path is not None:
             targets.append(learned_target(load_schedule(cell.export_path), cell.export_path))
-        for name in sorted(BASELINES) if baselines is None else baselines:
-            run_id = cell.baselines.get(name, {}).get("mlflow_run_id")
+        for name in sorted(cell.baselines) if baselines is None else [b for b in baselines if b in cell.baselines]:
+            measured = cell.baselines[name]
             targets.append(ScheduleTarget(model_id, cell.solver.name, cell.solver.order, cell.nfe, name,
-                                          mlflow_run_id=run_id))
+                                          sigmas=torch.tensor(measured["sigmas"], dtype=torch.float64),
+                                          mlflow_run_id=measured.get("mlflow_run_id")))
     return targets
 
 
 def targets_from_exports(exports_dir: str | Path, *, model: str | None = None, client: MlflowClient | None = None,
-                         baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
-    """The schedules exported in ``exports_dir`` (of ``model`` only, if given) and the baselines of their cells;
-    with ``client``, each baseline is matched to the study's baseline run of the same cell."""
+                         baselines: Sequence[str] | None = None, ays_model: str | None = None) -> list[ScheduleTarget]:
+    """The schedules exported in ``exports_dir`` (of ``model`` only, if given) and the baselines of their cells:
+    ``baselines``, or the study's set (ld3.baselines.study_baseline_names with ``ays_model``). With ``client``,
+    each baseline is matched to the study's baseline run of the same cell and takes the grid that run logged;
+    GITS, which depends on the teacher trajectories, is evaluated only then."""
     folder = Path(exports_dir).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"exports_dir {folder} is not a folder; pass the --exports-dir of the study")
@@ -207,10 +231,23 @@ def targets_from_exports(exports_dir: str | Path, *, model: str | None = None, c
     for path, schedule in exported:
         targets.append(learned_target(schedule, path))
         run_ids = _sibling_baseline_runs(client, schedule.provenance.mlflow_run_id) if client is not None else {}
-        for name in sorted(BASELINES) if baselines is None else baselines:
+        for name in study_baseline_names(ays_model) if baselines is None else baselines:
+            sigmas = _logged_grid(client, run_ids[name]) if name in run_ids else None
+            if name == GITS and sigmas is None:
+                log.warning("%s: no GITS grid logged for this cell (pass the study's tracking URI); GITS left out", path)
+                continue
             targets.append(ScheduleTarget(schedule.model, schedule.solver, schedule.order, schedule.nfe, name,
-                                          mlflow_run_id=run_ids.get(name)))
+                                          sigmas=sigmas, mlflow_run_id=run_ids.get(name)))
     return targets
+
+
+def _logged_grid(client: MlflowClient, run_id: str) -> Tensor | None:
+    """The σ grid a study's baseline run logged (its ``schedule.json``), or None where it logged none."""
+    if "schedule.json" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        document = json.loads(Path(client.download_artifacts(run_id, "schedule.json", folder)).read_text())
+    return torch.tensor(document["sigmas"], dtype=torch.float64)
 
 
 def _sibling_baseline_runs(client: MlflowClient, trial_run_id: str | None) -> dict[str, str]:
@@ -223,7 +260,7 @@ def _sibling_baseline_runs(client: MlflowClient, trial_run_id: str | None) -> di
         return {}
     clauses = [f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'", f"tags.`{TAG_KIND}` = 'baseline'"]
     clauses += [f"tags.`{key}` = '{trial.data.tags[key]}'" for key in IDENTITY_KEYS if key in trial.data.tags]
-    runs = client.search_runs([trial.info.experiment_id], " and ".join(clauses), max_results=len(BASELINES) * 4)
+    runs = client.search_runs([trial.info.experiment_id], " and ".join(clauses), max_results=len(BASELINE_NAMES) * 4)
     return {run.data.tags[TAG_RUN_KEY]: run.info.run_id for run in runs}
 
 
@@ -344,7 +381,7 @@ class _SampleStatsWorker:
         self.quality_reference = None
         if self.model.quality is not None:
             self.quality_reference = fid.FeatureStats(*self.model.quality.reference())
-        self.grids = [target.grid(self.model.schedule) for target in targets]
+        self.grids = [target.grid(self.model.schedule, latent=self.model.decode is not None) for target in targets]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, requests: pa.Table) -> pa.Table:
@@ -398,7 +435,7 @@ class _SampleStatsWorker:
         z = latents_from_seeds(seeds, self.model.shape, self.dtype, self.device)
         cond = None if conditions is None else self.model.encode_condition(conditions, self.device)
         return sample(self.model.denoiser, schedule.solver, schedule.order, sigmas, z, sigmas_eval=sigmas_eval,
-                      cond=cond, decode=self.model.decode, batch_size=len(seeds))
+                      cond=cond, decode=self.model.decode, batch_size=len(seeds), coefficients=schedule.coefficients)
 
 
 def _request_blocks(targets: Sequence[ScheduleTarget], config: EvaluationConfig) -> list[pa.Table]:
@@ -668,7 +705,8 @@ def evaluate_exports(spec: ModelSpec, exports_dir: str | Path, config: Evaluatio
     """Evaluate the schedules exported for ``spec`` in ``exports_dir`` and the baselines of their cells; with
     ``tracking_uri`` (the study's), log to the trial and baseline runs. Metrics go into the JSON files."""
     client = connect(tracking_uri) if tracking_uri is not None else None
-    targets = targets_from_exports(exports_dir, model=spec.model_id, client=client, baselines=config.baselines)
+    targets = targets_from_exports(exports_dir, model=spec.model_id, client=client, baselines=config.baselines,
+                                   ays_model=AYS_MODEL_OF_FAMILY.get(spec.family))
     result = evaluate_schedules(spec, targets, config, dtype=dtype, reserved_seeds=reserved_seeds,
                                 show_progress=show_progress)
     record_evaluation(result, client)

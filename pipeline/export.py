@@ -453,8 +453,14 @@ def loglinear_interpolation(sigmas: Tensor, n_steps: int) -> Tensor:
 
 def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: NoiseSchedule, source: str) -> ExportedSchedule:
     """``exported`` resized to ``n_steps`` steps by :func:`loglinear_interpolation` (σ and σ_eval alike), labelled
-    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``."""
+    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``. Learned solver
+    coefficients belong to their grid's steps and cannot be resized: such an export is refused."""
     from ld3.solvers.registry import get_spec
+
+    if exported.coefficients is not None:
+        raise ValueError(f"{source} carries learned solver coefficients, one row per step of its {exported.n_steps}-step "
+                         f"grid, which interpolation cannot resize; run it at {exported.n_steps} steps with "
+                         f"{' or '.join(HONOURS_COEFFICIENTS)}")
 
     return build_export(
         sigmas=loglinear_interpolation(exported.sigmas, n_steps),

@@ -43,7 +43,7 @@ from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
-from ld3.solvers import SOLVERS, solver_steps_for_nfe
+from ld3.solvers import SOLVERS, coefficient_shape, solver_steps_for_nfe
 from ld3.solvers import nfe as solver_nfe
 from ld3.train import Callback, LD3Config, StepMetrics, TeacherData, TrainingDiverged, train_ld3
 from ld3.utils import latents_from_seeds
@@ -122,9 +122,12 @@ class SearchSpace:
     train_batch_sizes: tuple[int, ...] = (1, 2, 4)
     # Start of ξ: "uniform" (ξ = 1, uniform in the mode's space) or the cell's best baseline grid.
     inits: tuple[str, ...] = ("uniform", "best_baseline")
+    # Learned solver coefficients (docs/method.md#learned-coefficients): (False,) off, (True,) on, (False, True) searched.
+    learn_coefficients: tuple[bool, ...] = (False,)
+    lr_coef: tuple[float, float] = (0.03, 1.0)  # Adam on the coefficient corrections, log scale, only when learned
 
     def __post_init__(self) -> None:
-        for name in ("slack_coef", "lr1", "lr2_coef"):
+        for name in ("slack_coef", "lr1", "lr2_coef", "lr_coef"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"SearchSpace.{name} must be (low, high) with 0 < low <= high, got {(low, high)}")
@@ -134,6 +137,9 @@ class SearchSpace:
             raise ValueError("SearchSpace.rounds_v1/rounds_v2 must be (low, high) with 0 <= low <= high")
         if not self.decoupled or not self.modes or not self.train_batch_sizes or not self.inits:
             raise ValueError("SearchSpace.decoupled, modes, train_batch_sizes and inits need at least one choice each")
+        if not self.learn_coefficients or not set(self.learn_coefficients) <= {False, True}:
+            raise ValueError(f"SearchSpace.learn_coefficients must be (False,), (True,) or (False, True), "
+                             f"got {self.learn_coefficients}")
         if not set(self.inits) <= set(INITS):
             raise ValueError(f"SearchSpace.inits must be chosen from {INITS}, got {self.inits}")
 
@@ -149,6 +155,8 @@ class SearchSpace:
         trial.suggest_categorical("mode", list(self.modes))
         trial.suggest_categorical("train_batch_size", list(self.train_batch_sizes))
         trial.suggest_categorical("init", list(self.inits))
+        if trial.suggest_categorical("learn_coefficients", list(self.learn_coefficients)):
+            trial.suggest_float("lr_coef", *self.lr_coef, log=True)
 
     @property
     def max_epochs(self) -> int:
@@ -179,6 +187,10 @@ def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, n_step
     if decoupled:
         overrides["lr2"] = float(params["lr2_coef"]) / n_steps
         overrides["win_rate"] = float(params["win_rate"])
+    if params.get("learn_coefficients", base.learn_coefficients):  # docs/method.md#learned-coefficients
+        overrides.update(learn_coefficients=True, lr_coef=float(params.get("lr_coef", base.lr_coef)))
+    else:
+        overrides["learn_coefficients"] = False
     return replace(base, **overrides)
 
 
@@ -194,20 +206,24 @@ def reference_point(base: LD3Config, space: SearchSpace, n_steps: int) -> dict[s
         "mode": base.mode,
         "train_batch_size": base.train_batch_size,
         "init": "uniform",
+        "learn_coefficients": base.learn_coefficients,
     }
     if base.decoupled:
         point.update(lr2_coef=lr2 * n_steps, win_rate=base.win_rate)
+    if base.learn_coefficients:
+        point["lr_coef"] = base.lr_coef
     return _clip_to_space(point, space)
 
 
 def _clip_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     clipped = dict(point)
-    for name in ("slack_coef", "lr1", "lr2_coef", "win_rate", "rounds_v1", "rounds_v2"):
+    for name in ("slack_coef", "lr1", "lr2_coef", "win_rate", "rounds_v1", "rounds_v2", "lr_coef"):
         if name in clipped:
             low, high = getattr(space, name)
             clipped[name] = min(max(clipped[name], low), high)
     for name, choices in (("decoupled", space.decoupled), ("mode", space.modes),
-                          ("train_batch_size", space.train_batch_sizes), ("init", space.inits)):
+                          ("train_batch_size", space.train_batch_sizes), ("init", space.inits),
+                          ("learn_coefficients", space.learn_coefficients)):
         if clipped[name] not in choices:
             clipped[name] = choices[0]
     if not clipped["decoupled"]:
@@ -215,6 +231,10 @@ def _clip_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
         clipped.pop("win_rate", None)
     elif "lr2_coef" not in clipped:
         clipped.update(lr2_coef=math.sqrt(space.lr2_coef[0] * space.lr2_coef[1]), win_rate=space.win_rate[1])
+    if not clipped["learn_coefficients"]:
+        clipped.pop("lr_coef", None)
+    elif "lr_coef" not in clipped:
+        clipped["lr_coef"] = math.sqrt(space.lr_coef[0] * space.lr_coef[1])
     return clipped
 
 
@@ -263,6 +283,17 @@ class StudyConfig:
             raise ValueError("StudyConfig.num_trials and max_concurrent must be >= 1")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("StudyConfig.cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if True in self.search.learn_coefficients:
+            self._check_learnable_coefficients()
+
+    def _check_learnable_coefficients(self) -> None:
+        """Every solver of the study has coefficients to learn, and the trainer accepts learning them."""
+        for choice in self.solvers:
+            try:
+                coefficient_shape(choice.name, 1, choice.order)
+            except ValueError as err:
+                raise ValueError(f"SearchSpace.learn_coefficients includes True, but {err}") from None
+        replace(self.trainer, learn_coefficients=True)  # LD3Config refuses e.g. cuda_graphs with it
 
 
 @dataclass(frozen=True)
@@ -422,7 +453,8 @@ def baseline_grids(ctx: CellContext) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(sigmas, dtype=torch.float64) for name, sigmas in (ctx.baseline_sigmas or {}).items()}
 
 
-def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
+def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None,
+                  coefficients: torch.Tensor | None = None) -> dict[str, float]:
     """Sample quality of fresh samples: the GMM's exact data-space Fréchet distance (``fd_exact``), or the
     model's own metrics (``LoadedModel.quality``: the digits model's ``fd_classifier`` and ``class_accuracy``)."""
     model = loaded.model
@@ -434,15 +466,17 @@ def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigma
     conditions = None if exact else model.quality.conditions(len(seeds))
     cond = None if conditions is None else model.encode_condition(conditions, loaded.device)
     x = sample(model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, z, sigmas_eval=sigmas_eval, cond=cond,
-               decode=model.decode, batch_size=ctx.study.eval_batch_size).cpu()
+               decode=model.decode, batch_size=ctx.study.eval_batch_size, coefficients=coefficients).cpu()
     return {"fd_exact": gmm_frechet_distance(x, model.denoiser)} if exact else model.quality(x, conditions)
 
 
-def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
+def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None,
+                   coefficients: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation loss on the original latents and the data metrics of a grid (with its learned coefficients)."""
     val_loss = schedule_loss(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, loaded.val.z, loaded.val.y,
                              loaded.loss_fn, sigmas_eval=sigmas_eval, cond=loaded.val.cond, decode=loaded.model.decode,
-                             batch_size=ctx.study.eval_batch_size)
-    return {"final_val_loss": val_loss, **_data_metrics(ctx, loaded, sigmas, sigmas_eval)}
+                             batch_size=ctx.study.eval_batch_size, coefficients=coefficients)
+    return {"final_val_loss": val_loss, **_data_metrics(ctx, loaded, sigmas, sigmas_eval, coefficients)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,14 +539,17 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
         run.set_tags({TAG_FAILURE: failure_reason(err)})
         run.end("FAILED")
         raise
-    metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
+    metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval, result.coefficients)
+    coefficients = None if result.coefficients is None else result.coefficients.tolist()
     run.log_final_metrics({**metrics, "train_steps": result.steps, "train_wall_time_s": result.wall_time_s})
     run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx), costs=ctx.baseline_costs)
+    if coefficients is not None:
+        run.log_dict({"coefficients": coefficients}, "coefficients.json")
     run.set_tags({"stop_reason": result.stop_reason})
     run.end("FINISHED")
     tune.report({OBJECTIVE: metrics["final_val_loss"], **metrics, "step": result.steps,
                  "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist(),
-                 "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
+                 "coefficients": coefficients, "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,6 +778,7 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
                       sigmas_eval=cell.best["sigmas_eval"] if trial_config.get("decoupled") else None)
     else:
         winner = dict(base, config={"discretization": base_name}, mode=base_name, sigmas_eval=None)
+    coefficients = winner.get("coefficients")  # the trial's learned solver coefficients (learn_coefficients), or None
     metrics |= {k: winner[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in winner}
     exported = build_export(
         sigmas=torch.tensor(winner["sigmas"], dtype=torch.float64), noise_schedule=schedule,
@@ -748,6 +786,7 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
         sigmas_eval=None if winner["sigmas_eval"] is None else torch.tensor(winner["sigmas_eval"], dtype=torch.float64),
         metrics=metrics, config=winner["config"], teacher_cache_key=cache_key, mlflow_run_id=winner["mlflow_run_id"],
         study=study.name, source=cell.winner, learned_beats_baseline=None if cell.best is None else cell.learned_wins,
+        coefficients=None if coefficients is None else torch.tensor(coefficients, dtype=torch.float64),
     )
     outcome = save_best_export(exported, study_exports_dir(options.exports_dir, study.name), tracker=tracker)
     if outcome.note:
