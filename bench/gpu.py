@@ -14,12 +14,20 @@ google/ddpm-cifar10-32, 35.7M parameters, random weights from a fixed seed) wrap
    final validation RMSE (sqrt of the mean per-sample MSE of the best schedule on the original
    validation latents), and the fastest setting whose final RMSE is no worse than the defaults';
 4. sd: one LD3 training step (UniPC-3 bh2, NFE 10, batch 1, CFG 7.5, L2 on latents) through an SD-1.5-size
-   ``UNet2DConditionModel`` (random weights, 4x64x64 latents), with and without gradient checkpointing.
+   ``UNet2DConditionModel`` (random weights, 4x64x64 latents), with and without gradient checkpointing;
+5. workload: issue 20's side-by-side workload: the same UNet architecture (random weights after
+   ``torch.manual_seed(0)``) with EDM preconditioning (sigma_data 0.5, c_noise = log(sigma)/4), teacher UniPC-3
+   bh1 NFE 20 on EDM's rho=7 grid from latents drawn on the device after ``torch.manual_seed(1)`` in batches
+   of 20 (the first 50 train, the next 50 validate), the recipe (2 + 5 rounds, batch 2, UniPC-3 bh1 NFE 10,
+   lambda, decoupled, L2) with the fast setting; metric: mean over the validation samples of the per-sample
+   RMSE to the teacher on the original latents, learned and for the logSNR / EDM baselines;
+6. bundles: trials per hour of ``ld3.train.LD3Bundle`` (K trials, batch orders 0 .. K-1, in one batched
+   solve) on the workload for each K of ``--bundle-sizes``, with peak memory and each trial's RMSE.
 
 Prints a table per section at the end and writes all numbers to ``<out>/gpu.json``:
 
     python bench/gpu.py                                  # on CUDA, JSON into $OUT (or --out)
-    python bench/gpu.py --device cpu --quick --out /tmp  # tiny sizes: checks the script on a CPU
+    python bench/gpu.py --device cpu --tiny --out /tmp   # tiny sizes: checks the script on a CPU
 """
 
 from __future__ import annotations
@@ -45,12 +53,15 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from ld3.cuda_graphs import GraphedSolver
-from ld3.discretizations import LearnableDiscretization, edm_rho
+from ld3.digits.denoiser import edm_preconditioning
+from ld3.discretizations import LearnableDiscretization, edm_rho, logsnr_uniform
 from ld3.losses import l2_loss
 from ld3.models import DiffusersDenoiser
-from ld3.schedules import VPDiscreteSchedule
+from ld3.models.base import DenoiserAdapter
+from ld3.sampling import sample
+from ld3.schedules import EDMSchedule, VPDiscreteSchedule
 from ld3.solvers import unipc_bh1, unipc_bh2
-from ld3.train import LD3Config, TeacherData, train_ld3
+from ld3.train import LD3Bundle, LD3Config, LD3Result, TeacherData, train_ld3
 from ld3.utils import atomic_write_bytes, latents_from_seeds
 
 # google/ddpm-cifar10-32, unet/config.json (35.7M parameters; self-attention at the 16x16 level).
@@ -408,6 +419,121 @@ def bench_sd(device: torch.device, quick: bool, min_time: float) -> dict:
             "rows": rows}
 
 
+# ---- 5. issue 20's workload -----------------------------------------------------------------------
+EDM_SIGMA_DATA = 0.5
+WORKLOAD_SCHEDULE = EDMSchedule(0.002, 80.0)
+LATENT_BATCH = 20  # latents drawn after torch.manual_seed(1), this many at a time
+WORKLOAD_NFE = 10
+ISSUE_RMSE = {"reference learned": 0.002149, "ld3 learned (issue)": 0.002238, "logsnr_uniform": 0.04497,
+              "edm_rho": 0.2519}  # issue 20's side-by-side numbers on one H200, for comparison
+
+
+class EDMPreconditionedUNet(DenoiserAdapter):
+    """A diffusers ``UNet2DModel`` F as an EDM denoiser D = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022,
+    Table 1: sigma_data 0.5, c_noise = log(sigma) / 4), sigma in [0.002, 80]."""
+
+    def __init__(self, net: torch.nn.Module):
+        size = net.config.sample_size
+        super().__init__(WORKLOAD_SCHEDULE, (net.config.in_channels, size, size))
+        self.net = net
+
+    def _denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        c_skip, c_out, c_in, c_noise = (c.to(x.dtype).reshape(-1, 1, 1, 1)
+                                        for c in edm_preconditioning(sigma, EDM_SIGMA_DATA))
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.reshape(-1)).sample
+
+
+def workload_data(denoiser: EDMPreconditionedUNet, device: torch.device, n_train: int,
+                  n_val: int) -> tuple[TeacherData, TeacherData]:
+    """Teacher pairs of the workload: latents on the device after ``torch.manual_seed(1)``, 20 at a time, and
+    UniPC-3 bh1 NFE 20 on EDM's rho=7 grid from x_T = 80 z; the first ``n_train`` train, the next ``n_val`` validate."""
+    torch.manual_seed(1)
+    count = n_train + n_val
+    z = torch.cat([torch.randn(LATENT_BATCH, *denoiser.shape, device=device)
+                   for _ in range(math.ceil(count / LATENT_BATCH))])[:count]
+    sigmas = edm_rho(TEACHER["nfe"], WORKLOAD_SCHEDULE, rho=TEACHER["rho"]).to(device)
+    y = sample(denoiser, unipc_bh1, TEACHER["order"], sigmas, z, batch_size=LATENT_BATCH)
+    return TeacherData(z[:n_train], y[:n_train]), TeacherData(z[n_train:], y[n_train:])
+
+
+def mean_rmse(denoiser: EDMPreconditionedUNet, val: TeacherData, sigmas: Tensor, sigmas_eval: Tensor | None) -> float:
+    """Mean over the validation samples of the per-sample RMSE to the teacher, from the original latents."""
+    x = sample(denoiser, unipc_bh1, 3, sigmas, val.z, sigmas_eval=sigmas_eval, batch_size=len(val))
+    return float((x - val.y).double().pow(2).flatten(1).mean(dim=1).sqrt().mean())
+
+
+def workload_config(device: torch.device, n_val: int, rounds: tuple[int, int], **overrides) -> LD3Config:
+    """The recipe with the fast setting (bench section 3): graphs on CUDA, one-batch slack pass and checks."""
+    recipe = {"rounds_v1": rounds[0], "rounds_v2": rounds[1], "train_batch_size": 2, "mode": "lambda",
+              "decoupled": True, "loss": "l2", "cuda_graphs": device.type == "cuda", "val_slack_batch_size": n_val,
+              "val_solve_batch_size": n_val}
+    return LD3Config(**{**recipe, **overrides})
+
+
+def workload_setup(device: torch.device, tiny: bool) -> tuple[EDMPreconditionedUNet, TeacherData, TeacherData, tuple]:
+    set_precision("default")
+    denoiser = EDMPreconditionedUNet(cifar_unet(device, tiny))
+    n = 6 if tiny else 50
+    return (denoiser, *workload_data(denoiser, device, n, n), (1, 1) if tiny else (2, 5))
+
+
+def bench_workload(setup: tuple, device: torch.device) -> dict:
+    """Baselines and one trial of the recipe (fast setting) on the workload, timed."""
+    denoiser, train, val, rounds = setup
+    baselines = {name: mean_rmse(denoiser, val, grid(WORKLOAD_NFE, WORKLOAD_SCHEDULE).to(device), None)
+                 for name, grid in (("logsnr_uniform", logsnr_uniform), ("edm_rho", edm_rho))}
+    reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    result = train_ld3(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val,
+                       workload_config(device, len(val), rounds), nfe=WORKLOAD_NFE)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    return {"samples": {"train": len(train), "val": len(val)}, "rounds": rounds, "wall_s": wall, "steps": result.steps,
+            "s_per_iteration": wall / max(result.steps, 1), "peak_gib": peak_gib(device),
+            "rmse_learned": mean_rmse(denoiser, val, result.sigmas.to(device), result.sigmas_eval.to(device)),
+            "rmse_baselines": baselines, "issue_numbers": ISSUE_RMSE, "stop_reason": result.stop_reason,
+            "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()}
+
+
+# ---- 6. bundles: K trials in one batched solve ------------------------------------------------------
+def bench_bundles(setup: tuple, device: torch.device, sizes: list[int], slack_rows: int) -> list[dict]:
+    """Trials/hour of LD3Bundle for each K (trials = batch orders 0 .. K-1 of the fast recipe).
+
+    The validation slack pass backpropagates ``val_slack_batch_size`` x K samples at once: it is capped to about
+    ``slack_rows`` rows (memory), which changes how the pass is batched, not what it computes."""
+    denoiser, train, val, rounds = setup
+    rows = []
+    for k in sizes:
+        slack_batch = max(1, min(len(val), slack_rows // k))
+        configs = [workload_config(device, len(val), rounds, seed=seed, val_slack_batch_size=slack_batch)
+                   for seed in range(k)]
+        reset_peak(device)
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            outcomes = LD3Bundle(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val, configs,
+                                 nfe=WORKLOAD_NFE).run()
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: report, try the next
+            traceback.print_exc()
+            rows.append({"trials": k, "error": f"{type(error).__name__}: {error}"})
+            continue
+        synchronize(device)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        rmse = [mean_rmse(denoiser, val, o.sigmas.to(device), o.sigmas_eval.to(device))
+                if isinstance(o, LD3Result) else math.nan for o in outcomes]
+        rows.append({"trials": k, "val_slack_batch_size": slack_batch, "wall_s": wall, "cpu_s": cpu,
+                     "trials_per_hour": 3600 * k / wall,
+                     "peak_gib": peak_gib(device), "steps": [getattr(o, "steps", None) for o in outcomes],
+                     "rmse_seed0": rmse[0], "rmse_mean": statistics.fmean(rmse), "rmse_max": max(rmse), "rmse": rmse})
+        print(f"bundles: K={k}: {rows[-1]['wall_s']:.1f} s, {rows[-1]['trials_per_hour']:.0f} trials/h", flush=True)
+    single = next((r for r in rows if r["trials"] == 1 and "wall_s" in r), None)
+    for row in rows:
+        if single is not None and "wall_s" in row:
+            row["speedup_vs_k1"] = row["trials_per_hour"] / single["trials_per_hour"]
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; columns are (header, key, format)."""
@@ -454,6 +580,23 @@ def report(results: dict) -> str:
                       f"latent {sd['latent']}, batch 1, CFG {sd['cfg_scale']}"),
                   table(sd["rows"], [("precision", "precision", ""), ("checkpointing", "gradient_checkpointing", ""),
                                      ("s / step", "s_per_step", ".3f"), ("peak GiB", "peak_gib", ".2f")])]
+    if "workload" in results:
+        w = results["workload"]
+        names = {**{k: k for k in w["rmse_baselines"]}, "rmse_learned": "learned (this run)"}
+        measured = [{"schedule": names["rmse_learned"], "rmse": w["rmse_learned"]}]
+        measured += [{"schedule": k, "rmse": v} for k, v in w["rmse_baselines"].items()]
+        parts += ["", (f"workload (issue 20): {w['samples']} samples, rounds {w['rounds']}, UniPC-3 bh1 NFE 10; "
+                       f"{w['wall_s']:.1f} s wall, {w['steps']} steps, peak {w['peak_gib']} GiB; mean per-sample RMSE"),
+                  table(measured, [("schedule", "schedule", ""), ("RMSE", "rmse", ".6f")]),
+                  f"issue 20's numbers for comparison: {w['issue_numbers']}"]
+    if "bundles" in results:
+        parts += ["", "bundles: K trials (batch orders 0..K-1) in one batched solve, the workload's recipe",
+                  table(results["bundles"], [
+                      ("K", "trials", "d"), ("slack batch", "val_slack_batch_size", "d"), ("wall s", "wall_s", ".1f"),
+                      ("process CPU s", "cpu_s", ".1f"),
+                      ("trials / h", "trials_per_hour", ",.0f"), ("x K=1", "speedup_vs_k1", ".2f"),
+                      ("peak GiB", "peak_gib", ".2f"), ("RMSE seed 0", "rmse_seed0", ".6f"),
+                      ("mean RMSE", "rmse_mean", ".6f"), ("max RMSE", "rmse_max", ".6f")])]
     return "\n".join(parts)
 
 
@@ -461,18 +604,23 @@ def write_json(results: dict, folder: Path) -> Path:
     return atomic_write_bytes(folder / "gpu.json", json.dumps(results, indent=2, default=str).encode())
 
 
-SECTIONS = ("floor", "teacher", "recipe", "sd")
+SECTIONS = ("floor", "teacher", "recipe", "sd", "workload", "bundles")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
-    parser.add_argument("--quick", action="store_true", help="tiny network and data: checks the script")
+    parser.add_argument("--quick", "--tiny", action="store_true", help="tiny network and data: checks the script")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--batch-sizes", default=None, help="floor/teacher batch sizes (default 1,2,16,64,256,1024)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of repeats per timing (default 0.5)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which recipe variants are skipped")
     parser.add_argument("--default-seeds", default="0", help="batch-order seeds of the eager-defaults recipe runs (default 0)")
+    parser.add_argument("--bundle-sizes", default=None, help="trials per bundle K (default 1,2,4,8,16; --tiny 1,2,4)")
+    parser.add_argument("--bundle-rounds", default=None,
+                        help="rounds 'v1,v2' of the bundles' trials (default: the recipe's 2,5; --tiny 1,1)")
+    parser.add_argument("--slack-rows", type=int, default=50,
+                        help="rows of the bundles' validation slack pass, about (memory; default 50)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -487,6 +635,19 @@ def main() -> None:
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.5)
     start = time.perf_counter()
     results: dict = {"environment": environment(device)}
+    bundle_sizes = [int(k) for k in (args.bundle_sizes or ("1,2,4" if args.quick else "1,2,4,8,16")).split(",")]
+    cached: dict = {}
+
+    def workload() -> tuple:
+        if "setup" not in cached:
+            cached["setup"] = workload_setup(device, args.quick)
+        return cached["setup"]
+
+    def bundle_setup() -> tuple:
+        if args.bundle_rounds is None:
+            return workload()
+        return (*workload()[:3], tuple(int(r) for r in args.bundle_rounds.split(",")))
+
     net = cifar_unet(device, args.quick)
     results["cifar_unet_parameters"] = sum(p.numel() for p in net.parameters())
     print(f"UNet2DModel (DDPM CIFAR-10 config): {results['cifar_unet_parameters']:,} parameters", flush=True)
@@ -496,6 +657,8 @@ def main() -> None:
         "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time,
                                        [int(seed) for seed in args.default_seeds.split(",")]),
         "sd": lambda: bench_sd(device, args.quick, min_time),
+        "workload": lambda: bench_workload(workload(), device),
+        "bundles": lambda: bench_bundles(bundle_setup(), device, bundle_sizes, args.slack_rows),
     }
     for name in sections:
         section_start = time.perf_counter()

@@ -335,6 +335,12 @@ def named_grid(name: str, n_steps: int, schedule: NoiseSchedule, *, denoiser: De
     return gits(denoiser, n_steps, schedule, z, cond, gits_config)
 
 
+def study_baseline_names(ays_model: str | None = None) -> list[str]:
+    """The baseline set of a study cell (what :func:`cell_baselines` builds and the evaluation stage scores): the
+    fixed grids, DMN, GITS and the AYS list of ``ays_model`` (None: no published list, so no AYS baseline)."""
+    return [*BASELINES, DMN, GITS] + ([] if ays_model is None else [_AYS_PREFIX + ays_model])
+
+
 @dataclass(frozen=True)
 class TimedGrid:
     """A baseline grid and the wall time its construction took (the schedule's compute cost)."""
@@ -348,9 +354,8 @@ def cell_baselines(n_steps: int, schedule: NoiseSchedule, denoiser: Denoiser, z:
                    gits_config: GITSConfig = GITSConfig()) -> dict[str, TimedGrid]:
     """Every baseline available for one study cell, timed: the fixed grids, DMN, GITS (from ``z``) and the AYS
     list of ``ays_model`` (None: the model has no published AYS schedule, so there is none)."""
-    names = [*BASELINES, DMN, GITS] + ([] if ays_model is None else [_AYS_PREFIX + ays_model])
     grids = {}
-    for name in names:
+    for name in study_baseline_names(ays_model):
         started = time.perf_counter()
         sigmas = named_grid(name, n_steps, schedule, denoiser=denoiser, z=z, cond=cond, latent=latent,
                             gits_config=gits_config)

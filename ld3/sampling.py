@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ld3.solvers import Denoiser, Solver, get_solver
+from ld3.solvers.base import initial_state
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -31,6 +32,7 @@ def solve_from_latents(
 ) -> Tensor:
     """Start at ``x_T = sigmas[0] · z`` and solve down to ``sigmas[-1]``; decode latent models' outputs.
 
+    ``sigmas`` (and ``sigmas_eval``) are one grid [N+1] or one grid per latent [M, N+1] (ld3.solvers.base).
     Differentiable in ``z``, ``sigmas``, ``sigmas_eval`` and ``coefficients`` (the caller decides ``no_grad``);
     the grid is cast to ``z``'s dtype and device. ``coefficients``: learned corrections of a multistep
     solver's weights (docs/method.md#learned-coefficients), passed to the solver only when given.
@@ -40,13 +42,18 @@ def solve_from_latents(
     if sigmas_eval is not None:
         sigmas_eval = sigmas_eval.to(device=z.device, dtype=z.dtype)
     extra = {} if coefficients is None else {"coefficients": coefficients}
-    x = solve(denoiser, sigmas[0] * z, sigmas, sigmas_eval, order=order, cond=cond, **extra)
+    x = solve(denoiser, initial_state(sigmas, z), sigmas, sigmas_eval, order=order, cond=cond, **extra)
     return x if decode is None else decode(x)
 
 
 def _rows(cond: Any, index: slice) -> Any:
     """The conditions of a slice of samples (a tensor, or a list/tuple of prompts)."""
     return None if cond is None else cond[index]
+
+
+def _grid_rows(grid: Tensor | None, index: slice) -> Tensor | None:
+    """A shared grid [N+1] as it is; per-sample grids [M, N+1] sliced like the latents."""
+    return grid if grid is None or grid.ndim == 1 else grid[index]
 
 
 def _solve_in_batches(denoiser: Denoiser, solver: str | Solver, order: int, sigmas: Tensor, z: Tensor,
@@ -57,7 +64,8 @@ def _solve_in_batches(denoiser: Denoiser, solver: str | Solver, order: int, sigm
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i in range(0, z.shape[0], batch_size):
         rows = slice(i, i + batch_size)
-        yield rows, solve_from_latents(denoiser, solver, order, sigmas, z[rows], sigmas_eval=sigmas_eval,
+        yield rows, solve_from_latents(denoiser, solver, order, _grid_rows(sigmas, rows), z[rows],
+                                       sigmas_eval=_grid_rows(sigmas_eval, rows),
                                        cond=_rows(cond, rows), decode=decode, coefficients=coefficients)
 
 

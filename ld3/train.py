@@ -17,6 +17,10 @@ from the first validation batch to the whole validation set (no decay), every la
 learning rates decay (×``lr_decay``, with floors). Training stops when lr2 has sat at its floor
 ``lr2_floor_hits`` times, after the last round, or when a callback raises ``StopTraining``.
 
+``LD3Bundle`` trains K such trials, each with its own ``LD3Config``, in one batched solve per step: every
+trial keeps its own state, the denoiser sees all trials' samples at once, each sample on its own trial's
+grid (docs/method.md#batched-trials). ``train_ld3`` is the bundle of one trial.
+
 Deviations from the reference code, each deliberate: the accept-if-better test compares both
 latents under the same (pre-step) schedule; best-state reloads restore (ξ, ξᶜ) but not latents
 (latents only ever improve); the reference's per-file checkpoints, plots and pickles are callbacks.
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -356,21 +361,53 @@ class _FunctionCallback(Callback):
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer
+# Bundles: K trials trained in one batched solve
 # ---------------------------------------------------------------------------------------------
-class _Run:
-    """State of one LD3 training run; ``train_ld3`` is the public entry point."""
+# LD3Config fields every trial of a bundle shares: they fix the rounds, the batches and the solve itself.
+BUNDLE_SHARED_FIELDS = ("rounds_v1", "rounds_v2", "train_batch_size", "val_batch_size", "val_slack_batch_size",
+                        "val_solve_batch_size", "loss", "grad_checkpointing", "compile", "cuda_graphs")
 
-    def __init__(self, denoiser, solver, order, schedule, train, val, config, derived, decode, loss_fn, callbacks, n_steps,
-                 coef_shape=None):
-        self.denoiser, self.solver, self.order = denoiser, solver, order
-        self.train, self.val, self.config, self.hp = train, val, config, derived
-        self.decode, self.loss_fn, self.callbacks = decode, loss_fn, callbacks
+
+def check_bundle(configs: Sequence[LD3Config]) -> None:
+    """Reject a bundle whose trials differ where they must not (``BUNDLE_SHARED_FIELDS``, docs/method.md#batched-trials)."""
+    if not configs or not all(isinstance(c, LD3Config) for c in configs):
+        raise ValueError("configs must be a non-empty sequence of LD3Config, one per trial of the bundle")
+    for name in BUNDLE_SHARED_FIELDS:
+        values = [getattr(c, name) for c in configs]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"LD3Config.{name} must be the same for every trial of a bundle, got {values}; "
+                             "train trials that differ in it in separate bundles")
+    if len(configs) > 1 and any(c.learn_coefficients for c in configs):
+        raise ValueError("learn_coefficients=True needs a bundle of one trial (the solver takes one set of "
+                         "coefficients per solve); train such trials one at a time")
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One trial's state after a bundle round (``LD3Bundle.run_round``): enough for a scheduler to stop it."""
+
+    trial: int  # index of the trial in the bundle's configs
+    round: int
+    phase: int
+    step: int  # training steps so far
+    best_val_loss: float  # best validation-check loss so far (inf before the first check)
+    finished: str | None  # None while it trains; else its stop reason, or "diverged"
+
+
+class _Trial:
+    """One trial of a bundle: its schedule, optimisers, slack latents, best state and counters (docs/method.md#training).
+
+    Everything here is exactly what a run of this trial alone keeps; only the solves are shared (``LD3Bundle``).
+    """
+
+    def __init__(self, index: int, config: LD3Config, derived: DerivedHyperparameters, callbacks: list[Callback],
+                 train: TeacherData, val: TeacherData, n_steps: int, schedule: NoiseSchedule,
+                 coef_shape: tuple[int, int] | None):
+        self.index, self.config, self.hp, self.callbacks = index, config, derived, callbacks
         device, dtype = train.z.device, train.z.dtype
         self.disc = LearnableDiscretization(n_steps, schedule, mode=config.mode, decoupled=config.decoupled,
                                             win_rate=config.win_rate, device=device,
                                             dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        self._init_from_prior(schedule, n_steps)
         self.opt1 = torch.optim.RMSprop([self.disc.xi], lr=config.lr1, momentum=config.momentum1)
         self.opt2 = torch.optim.SGD([self.disc.xi_c], lr=derived.lr2)
         # Coefficient corrections (docs/method.md#learned-coefficients): zero, so training starts at the plain solver.
@@ -388,81 +425,37 @@ class _Run:
         self.best: BestSchedule | None = None
         self.history: list[StepMetrics] = []
         self.generator = torch.Generator().manual_seed(config.seed)
-        # Graph replays skip the solver's value checks (host syncs), so a NaN training loss is caught at the
-        # step's one sync instead of before the update; eager solves sync on their checks anyway.
-        self.solves_are_graphed = isinstance(solver, GraphedSolver) and train.z.is_cuda
+        self.outcome: LD3Result | TrainingDiverged | None = None
 
-    # ---- student -----------------------------------------------------------------------------
-    def _init_from_prior(self, schedule: NoiseSchedule, n_steps: int) -> None:
-        prior = self.config.init_prior
-        if prior is None:
-            return
-        if isinstance(prior, str):  # GITS solves a few teacher trajectories from the training latents
-            grid = named_grid(prior, n_steps, schedule, denoiser=self.denoiser, z=self.train.z, cond=self.train.cond,
-                              latent=self.decode is not None)
-        else:
-            grid = torch.tensor(prior, dtype=torch.float64)
+    def init_from_prior(self, grid: Tensor) -> None:
+        n_steps = self.disc.n_steps
         if grid.shape != (n_steps + 1,):
             raise ValueError(f"LD3Config.init_prior must have N + 1 = {n_steps + 1} values, got {tuple(grid.shape)}")
-        self.disc.fit_to(grid.to(self.train.z.device))
+        self.disc.fit_to(grid.to(self.disc.xi.device))
 
-    def _losses(self, z: Tensor, y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
-        """Per-sample loss d(decode(solver(D, σ_max z, σ, σ_eval)), y) -> [B]."""
-        x = solve_from_latents(self.denoiser, self.solver, self.order, sigmas, z, sigmas_eval=sigmas_eval,
-                               cond=cond, decode=self.decode, coefficients=self.coef)
-        losses = self.loss_fn(x, y)
-        if losses.shape != (z.shape[0],):
-            raise ValueError(f"loss_fn must return one loss per sample, shape ({z.shape[0]},), got {tuple(losses.shape)}")
-        return losses
+    def diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what} became NaN/Inf at phase {self.phase}, round {self.round}, step {self.step}; "
+            "lower lr1/lr2 or check the denoiser and loss for numerical problems", self.step, self.best)
 
-    def _require_finite(self, value: Tensor | float, what: str) -> None:
+    def require_finite(self, value: Tensor | float, what: str) -> None:
         if not math.isfinite(float(torch.as_tensor(value).detach().sum())):
-            raise TrainingDiverged(
-                f"{what} became NaN/Inf at phase {self.phase}, round {self.round}, step {self.step}; "
-                "lower lr1/lr2 or check the denoiser and loss for numerical problems", self.step, self.best)
+            raise self.diverged(what)
 
-    # ---- slack (docs/method.md#training, steps 3-4) ------------------------------------------
-    def _slack_step(self, store: Tensor, origin: Tensor, idx: Tensor, z_leaf: Tensor, ref: Tensor,
-                    y: Tensor, cond: Tensor | None, sigmas: Tensor, sigmas_eval: Tensor) -> Tensor:
-        """SGD step of z', projection onto its ball, accept per sample where the loss went down -> mask."""
-        if self.hp.slack_radius == 0 or z_leaf.grad is None:
-            return torch.zeros(len(idx), dtype=torch.bool, device=store.device)
-        with torch.no_grad():
-            candidate = project_to_ball(z_leaf - self.shift_lr * z_leaf.grad, origin[idx], self.hp.slack_radius)
-            accept = self._losses(candidate, y, cond, sigmas, sigmas_eval) < ref
-            store[idx] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, store[idx])
-        return accept
-
-    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor, sigmas: Tensor,
-                          sigmas_eval: Tensor, weights: Tensor | None = None, *, what: str) -> tuple[Tensor, Tensor]:
-        """Steps 1 and 3-4 for one batch: loss (backpropagated) and the accepted mask, both on the device.
-
-        The loss is the batch mean, or ``sum(weights * losses)`` when per-sample weights are given. Eager
-        solves check it for NaN/Inf at once (they synchronise on their own value checks anyway, and would
-        reject the NaN latents of the slack step); graphed solves leave that to the caller's one sync per
-        step: a NaN loss then leaves NaN in ξ, never in the saved best state, and no slack step is accepted."""
-        y = data.y[idx]
-        cond = None if data.cond is None else data.cond[idx]
-        z_leaf = store[idx].requires_grad_(self.hp.slack_radius > 0)
-        losses = self._losses(z_leaf, y, cond, sigmas, sigmas_eval)
-        if not self.solves_are_graphed:
-            self._require_finite(losses, what)
-        loss = losses.mean() if weights is None else (weights * losses).sum()
-        if loss.requires_grad:
-            loss.backward()
-        accept = self._slack_step(store, data.z, idx, z_leaf, losses.detach(), y, cond,
-                                  sigmas.detach(), sigmas_eval.detach())
-        return loss.detach(), accept
-
-    # ---- one training step (docs/method.md#training, steps 1-4) ----------------------------------
-    def _train_step(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Steps 1-4 on one batch -> (batch loss, accepted fraction) as device scalars, with no host sync."""
+    def set_trainable(self, phase: int) -> None:
+        """Which parameters the training solve differentiates: ξ always, ξᶜ (and coefficients) in phase 2."""
         self.disc.xi.requires_grad_(True)
-        self.disc.xi_c.requires_grad_(self.phase == 2 and self.config.decoupled)
+        self.disc.xi_c.requires_grad_(phase == 2 and self.config.decoupled)
         if self.coef is not None:
-            self.coef.requires_grad_(self.phase == 2)
-        sigmas, sigmas_eval = self.disc()
-        loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval, what="the training loss")
+            self.coef.requires_grad_(phase == 2)
+
+    def freeze(self) -> None:
+        self.disc.requires_grad_(False)
+        if self.coef is not None:
+            self.coef.requires_grad_(False)
+
+    def step_parameters(self) -> None:
+        """Clip each gradient and step its optimiser (RMSprop on ξ, SGD on ξᶜ, Adam on coefficients)."""
         groups = [(self.disc.xi, self.opt1, self.config.grad_clip), (self.disc.xi_c, self.opt2, self.config.grad_clip)]
         if self.coef is not None:
             groups.append((self.coef, self.opt_coef, self.config.coef_clip))
@@ -471,112 +464,54 @@ class _Run:
                 torch.nn.utils.clip_grad_norm_(param, clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return loss, accept.float().mean()
 
-    def _validation_slack_pass(self) -> bool:
-        """Slack steps on the validation latents with the schedule fixed; True if any latent moved.
-
-        With the schedule fixed the samples are independent, so they are solved ``val_slack_batch_size``
-        at a time; each loss is weighted by 1 / (size of its ``train_batch_size`` chunk), so every latent
-        takes the step of the reference's per-train-batch pass whatever the batch.
-        """
-        if self.hp.slack_radius == 0:
-            return False
-        self.disc.requires_grad_(False)
-        if self.coef is not None:
-            self.coef.requires_grad_(False)
-        with torch.no_grad():
-            sigmas, sigmas_eval = self.disc()
-        count, device = len(self.val), self.z_val.device
-        chunk_sizes = [len(c) for c in torch.arange(count).split(self.config.train_batch_size)]
-        weights = torch.cat([torch.full((n,), 1.0 / n) for n in chunk_sizes]).to(device, self.z_val.dtype)
-        batch = self.config.val_slack_batch_size or self.config.train_batch_size
-        moved = torch.zeros((), dtype=torch.bool, device=device)
-        losses = []
-        for idx in torch.arange(count, device=device).split(batch):
-            loss, accept = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx],
-                                                  what="the validation slack loss")
-            losses.append(loss)
-            moved |= accept.any()
-        self._require_finite(torch.stack(losses), "the validation slack loss")
-        return bool(moved)
-
-    def _max_slack_distance(self) -> Tensor:
+    def max_slack_distance(self, train: TeacherData, val: TeacherData) -> Tensor:
         """max ‖z' − z‖₂ over all train and validation latents, a device scalar."""
         distances = [(slack - data.z).flatten(1).norm(dim=1).max() for slack, data in
-                     ((self.z_train, self.train), (self.z_val, self.val))]
+                     ((self.z_train, train), (self.z_val, val))]
         return torch.stack(distances).max()
 
-    # ---- validation checks, best state, patience -------------------------------------------------
-    @torch.no_grad()
-    def _mean_loss(self, data: TeacherData, latents: Tensor, count: int) -> Tensor:
-        """Mean per-sample loss of the current schedule on the first ``count`` samples, a float64 device scalar."""
-        sigmas, sigmas_eval = self.disc()
-        losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, latents[:count], data.y[:count],
-                               self.loss_fn, sigmas_eval=sigmas_eval, cond=None if data.cond is None else data.cond[:count],
-                               decode=self.decode, coefficients=self.coef,
-                               batch_size=self.config.val_solve_batch_size or self.config.val_batch_size)
-        return losses.to(torch.float64).mean()
+    def check_count(self, n_val: int) -> int:
+        """Samples a validation check uses: the first validation batch, or all once ``val_on_all``."""
+        return n_val if self.val_on_all else min(n_val, self.config.val_batch_size)
 
-    def _val_loss(self) -> Tensor:
-        """The validation check's loss (first validation batch, or all once ``val_on_all``), on the device."""
-        count = len(self.val) if self.val_on_all else min(len(self.val), self.config.val_batch_size)
-        return self._mean_loss(self.val, self.z_val, count)
-
-    @torch.no_grad()
-    def _to_host(self, *scalars: Tensor) -> tuple[list[float], Tensor, Tensor]:
-        """Device scalars and the current (σ, σ_eval), copied to the CPU in ONE host synchronisation.
-
-        The trainer reads the GPU only here, once per step, so between two checks the host queues the
-        next step's kernels while the device still runs the last ones."""
-        sigmas, sigmas_eval = self.disc()
-        n = sigmas.numel()
-        packed = torch.cat([torch.stack([t.detach().to(torch.float64) for t in scalars]),
-                            sigmas.to(torch.float64), sigmas_eval.to(torch.float64)]).cpu()
-        values = packed[: len(scalars)].tolist()
-        tail = packed[len(scalars):]
-        return values, tail[:n].clone(), tail[n:].clone()
-
-    def _check(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
-        """Validation check: track the best state; after ``patience`` misses reload it (and decay)."""
-        self._require_finite(loss, "the validation loss")
+    # ---- best state, patience ----------------------------------------------------------------------
+    def check(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor, rescore: Callable[[], float]) -> None:
+        """Validation check: track the best state; after ``patience`` misses reload it (and decay).
+        ``rescore()`` gives the current schedule's check loss (used once, when the checks widen)."""
+        self.require_finite(loss, "the validation loss")
         if self.best is None or loss < self.best.val_loss:
-            self._save_best(loss, sigmas, sigmas_eval)
+            self.save_best(loss, sigmas, sigmas_eval)
         else:
             self.count_worse += 1
             if self.count_worse >= self.config.patience:
-                self._reload_best_and_decay()
+                self._reload_best_and_decay(rescore)
 
-    def _check_now(self) -> None:
-        """A validation check outside a training step (round start)."""
-        (loss,), sigmas, sigmas_eval = self._to_host(self._val_loss())
-        self._check(loss, sigmas, sigmas_eval)
-
-    def _save_best(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
+    def save_best(self, loss: float, sigmas: Tensor, sigmas_eval: Tensor) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
         self.best_coef = None if self.coef is None else self.coef.detach().clone()
-        self.best = BestSchedule(self.step, loss, sigmas, sigmas_eval, self._host_coefficients())
+        self.best = BestSchedule(self.step, loss, sigmas, sigmas_eval, self.host_coefficients())
         self.count_worse = 0
         for cb in self.callbacks:
             cb.on_best(self.best)
 
-    def _reload_best(self) -> None:
+    def reload_best(self) -> None:
         self.disc.load_state_dict(self.best_state)
         if self.coef is not None:
             with torch.no_grad():
                 self.coef.copy_(self.best_coef)
         self.count_worse = 0
 
-    def _host_coefficients(self) -> Tensor | None:
+    def host_coefficients(self) -> Tensor | None:
         """The current coefficient corrections as float64 CPU (one host copy), or None."""
         return None if self.coef is None else self.coef.detach().to("cpu", torch.float64).clone()
 
-    def _reload_best_and_decay(self) -> None:
-        self._reload_best()
+    def _reload_best_and_decay(self, rescore: Callable[[], float]) -> None:
+        self.reload_best()
         if not self.val_on_all:  # first time: widen the checks to the whole set, re-baseline, no decay
             self.val_on_all = True
-            (loss,), _, _ = self._to_host(self._val_loss())
-            self._require_finite(loss, "the validation loss")
+            loss = rescore()
+            self.require_finite(loss, "the validation loss")
             self.best = replace(self.best, val_loss=loss)
             return
         cfg = self.config
@@ -589,29 +524,8 @@ class _Run:
             if group2["lr"] <= cfg.lr2_floor:
                 self.lr2_floor_hits += 1
 
-    # ---- rounds --------------------------------------------------------------------------------
-    def _round(self) -> str | None:
-        """One round; returns a stop reason or None."""
-        if self.round > 0:
-            self._reload_best()
-        self._check_now()
-        order = torch.randperm(len(self.train), generator=self.generator).to(self.z_train.device)
-        for idx in order.split(self.config.train_batch_size):
-            train_loss, accepted = self._train_step(idx)
-            self.step += 1
-            values, sigmas, sigmas_eval = self._to_host(train_loss, self._val_loss(), accepted, self._max_slack_distance())
-            train_loss, val_loss, accepted, slack_distance = values
-            self._require_finite(train_loss, "the training loss")
-            self._check(val_loss, sigmas, sigmas_eval)
-            self._emit_step(train_loss, val_loss, accepted, slack_distance, sigmas, sigmas_eval)
-            if self.lr2_floor_hits >= self.config.lr2_floor_hits:
-                return "lr2_floor"
-        if not self._validation_slack_pass() and self.hp.slack_radius > 0:
-            self.shift_lr *= self.config.shift_lr_decay
-        return None
-
-    def _emit_step(self, train_loss: float, val_loss: float, accepted: float, slack_distance: float,
-                   sigmas: Tensor, sigmas_eval: Tensor) -> None:
+    def emit_step(self, train_loss: float, val_loss: float, accepted: float, slack_distance: float,
+                  sigmas: Tensor, sigmas_eval: Tensor) -> None:
         metrics = StepMetrics(
             phase=self.phase, round=self.round, step=self.step, train_loss=train_loss, val_loss=val_loss,
             best_val_loss=self.best.val_loss, lr1=self.opt1.param_groups[0]["lr"], lr2=self.opt2.param_groups[0]["lr"],
@@ -622,32 +536,367 @@ class _Run:
         for cb in self.callbacks:
             cb.on_step(metrics)
 
-    def run(self) -> str:
-        """All rounds of both phases; returns the stop reason."""
+    def report(self) -> RoundReport:
+        finished = None
+        if isinstance(self.outcome, LD3Result):
+            finished = self.outcome.stop_reason
+        elif self.outcome is not None:
+            finished = "diverged"
+        return RoundReport(self.index, self.round, self.phase, self.step,
+                           math.inf if self.best is None else self.best.val_loss, finished)
+
+
+def _per_sample_grids(grids: Sequence[tuple[Tensor, Tensor]], sizes: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """One trial's (σ, σ_eval) as they are; several trials' as one grid per sample [Σ sizes, N+1] (ld3.solvers.base)."""
+    if len(grids) == 1:
+        return grids[0]
+    expand = lambda part: torch.cat([g[part].expand(n, -1) for g, n in zip(grids, sizes, strict=True)])  # noqa: E731
+    return expand(0), expand(1)
+
+
+def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class LD3Bundle:
+    """K LD3 trials on the same denoiser, solver, NFE and teacher data, trained in ONE batched solve per step.
+
+    Each trial has its own ``LD3Config`` (learning rates, slack radius, patience, decay, mode, decoupling,
+    prior, batch-order seed ...; ``BUNDLE_SHARED_FIELDS`` must agree) and its own ξ, ξᶜ, optimisers, slack
+    latents and best state; each solve stacks all trials' samples, with every sample on its own trial's grid,
+    so the denoiser sees one batch of K × batch samples per solver step. The samples never interact, so each
+    trial's run equals the same trial run alone (``train_ld3``) up to rounding (tests/test_bundle.py).
+
+    Drive it round by round (``run_round`` returns each trial's ``RoundReport``; ``stop`` drops a trial, which
+    keeps its best schedule, while the others go on), or all at once (``run``). ``outcomes()`` gives each
+    trial's ``LD3Result``, or the ``TrainingDiverged`` it ended with (None while it trains). Arguments as
+    ``train_ld3``'s, with ``configs`` (one per trial) and ``callbacks`` (one iterable per trial).
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        solver: str | Solver,
+        order: int,
+        schedule: NoiseSchedule,
+        train: TeacherData,
+        val: TeacherData,
+        configs: Sequence[LD3Config],
+        *,
+        n_steps: int | None = None,
+        nfe: int | None = None,
+        decode: Callable[[Tensor], Tensor] | None = None,
+        loss_fn: LossFn | None = None,
+        callbacks: Sequence[Iterable[Callback | Callable[[StepMetrics], None]]] | None = None,
+    ):
+        check_bundle(configs)
+        if callbacks is not None and len(callbacks) != len(configs):
+            raise ValueError(f"callbacks must hold one iterable per trial ({len(configs)}), got {len(callbacks)}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be an ld3.schedules.NoiseSchedule, got {type(schedule).__name__}")
+        if order < 1:
+            raise ValueError(f"order must be >= 1, got {order}")
+        n_steps, self.nfe = _resolve_steps(solver, order, n_steps, nfe)
+        coef_shapes = [_coefficient_shape(solver, order, n_steps, c) for c in configs]
+        _check_inputs(train, val)
+        device, dtype = train.z.device, train.z.dtype
+        move = lambda d: TeacherData(d.z.to(device, dtype), d.y.to(device, dtype),  # noqa: E731
+                                     None if d.cond is None else d.cond.to(device))
+        self.train, self.val = move(train), move(val)
+        loss_fn = get_loss(configs[0].loss) if loss_fn is None else loss_fn
+        self.loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn
+        self.shared = configs[0]
+        solver_fn = get_solver(solver) if isinstance(solver, str) else solver
+        self.solver = GraphedSolver(solver_fn) if self.shared.cuda_graphs else solver_fn
+        self.denoiser, self.order, self.decode = _prepare_denoiser(denoiser, self.shared), order, decode
+        # Graph replays skip the solver's value checks (host syncs), so a NaN training loss is caught at the
+        # step's one sync instead of before the update; eager solves sync on their checks anyway.
+        self.solves_are_graphed = isinstance(self.solver, GraphedSolver) and self.train.z.is_cuda
+        callbacks = callbacks or [()] * len(configs)
+        self.trials = [_Trial(i, c, c.derive(n_steps, self.train.z.shape[1:]), _as_callbacks(cbs), self.train, self.val,
+                              n_steps, schedule, shape)
+                       for i, (c, cbs, shape) in enumerate(zip(configs, callbacks, coef_shapes, strict=True))]
+        for trial in self.trials:
+            self._init_from_prior(trial, schedule, n_steps)
+        self.round = 0
+        self.start = time.perf_counter()
+
+    # ---- public driving API ------------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        """Rounds of both phases (every trial runs the same rounds)."""
+        return self.shared.rounds_v1 + self.shared.rounds_v2
+
+    def active(self) -> list[int]:
+        """Indices of the trials still training."""
+        return [t.index for t in self._active()]
+
+    def outcomes(self) -> list[LD3Result | TrainingDiverged | None]:
+        """Per trial: its result, the TrainingDiverged it ended with, or None while it trains."""
+        return [t.outcome for t in self.trials]
+
+    def stop(self, trial: int, reason: str = "") -> None:
+        """End a trial now (e.g. an early-stopping scheduler's decision): it keeps its best schedule, which is
+        scored on the original validation latents as usual; its stop reason reads ``stopped: <reason>``."""
+        target = self.trials[trial]
+        if target.outcome is None:
+            self._finish([target], f"stopped: {reason}" if reason else "stopped")
+
+    def run(self) -> list[LD3Result | TrainingDiverged]:
+        """All remaining rounds; returns ``outcomes()``."""
+        while self._active():
+            self.run_round()
+        return self.outcomes()  # type: ignore[return-value]
+
+    def run_round(self) -> list[RoundReport]:
+        """One round (docs/method.md#training) for every active trial; a report per trial active at its start."""
+        trials = self._active()
+        if not trials:
+            raise ValueError("every trial of the bundle has finished; read outcomes()")
+        phase = 1 if self.round < self.shared.rounds_v1 else 2
+        for t in trials:
+            t.round, t.phase = self.round, phase
+            if self.round > 0:
+                t.reload_best()
+        self._check_now(trials)
+        orders = {t: torch.randperm(len(self.train), generator=t.generator).to(self.train.z.device)
+                  .split(self.shared.train_batch_size) for t in self._active()}
+        for position in range(math.ceil(len(self.train) / self.shared.train_batch_size)):
+            if not self._active():
+                break
+            self._step({t: orders[t][position] for t in self._active()})
+        self._validation_slack_pass(self._active())
+        self.round += 1
+        if self.round == self.rounds:
+            self._finish(self._active(), "completed")
+        return [t.report() for t in trials]
+
+    # ---- trial bookkeeping -------------------------------------------------------------------------
+    def _active(self) -> list[_Trial]:
+        return [t for t in self.trials if t.outcome is None]
+
+    @contextmanager
+    def _guard(self, trial: _Trial) -> Iterator[None]:
+        """Run per-trial logic; a StopTraining or TrainingDiverged there ends only this trial."""
         try:
-            for round_index in range(self.config.rounds_v1 + self.config.rounds_v2):
-                self.round = round_index
-                self.phase = 1 if round_index < self.config.rounds_v1 else 2
-                reason = self._round()
-                if reason is not None:
-                    return reason
+            yield
         except StopTraining as stop:  # callbacks run only after the first best state exists
-            return f"stopped: {stop}" if str(stop) else "stopped"
-        return "completed"
+            self._finish([trial], f"stopped: {stop}" if str(stop) else "stopped")
+        except TrainingDiverged as error:
+            trial.outcome = error
 
+    def _init_from_prior(self, trial: _Trial, schedule: NoiseSchedule, n_steps: int) -> None:
+        prior = trial.config.init_prior
+        if prior is None:
+            return
+        if isinstance(prior, str):  # GITS solves a few teacher trajectories from the training latents
+            grid = named_grid(prior, n_steps, schedule, denoiser=self.denoiser, z=self.train.z, cond=self.train.cond,
+                              latent=self.decode is not None)
+        else:
+            grid = torch.tensor(prior, dtype=torch.float64)
+        trial.init_from_prior(grid)
 
-    def result(self, stop_reason: str, n_fe: int | None, wall_time_s: float) -> LD3Result:
-        """The best state, scored on the ORIGINAL validation latents (no slack)."""
-        self._reload_best()
-        (final, slack_distance), sigmas, sigmas_eval = self._to_host(
-            self._mean_loss(self.val, self.val.z, len(self.val)), self._max_slack_distance())
-        self._require_finite(final, "the final validation loss")
-        return LD3Result(
-            sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=self.best.val_loss, final_val_loss=final,
-            n_steps=self.disc.n_steps, nfe=n_fe, steps=self.step, max_slack_distance=slack_distance,
-            stop_reason=stop_reason, wall_time_s=wall_time_s, hyperparameters=self.hp, history=tuple(self.history),
-            coefficients=self._host_coefficients(),
-        )
+    # ---- the batched solves ------------------------------------------------------------------------
+    def _losses(self, trials: Sequence[_Trial], zs: Sequence[Tensor], ys: Sequence[Tensor],
+                conds: Sequence[Tensor | None], grids: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Per-sample losses d(decode(solver(D, σ_max z, σ, σ_eval)), y) of every trial's rows, in ONE solve."""
+        sizes = [z.shape[0] for z in zs]
+        sigmas, sigmas_eval = _per_sample_grids(grids, sizes)
+        z = _cat(zs)
+        x = solve_from_latents(self.denoiser, self.solver, self.order, sigmas, z, sigmas_eval=sigmas_eval,
+                               cond=_cat(conds), decode=self.decode,
+                               coefficients=trials[0].coef if len(trials) == 1 else None)
+        losses = self.loss_fn(x, _cat(ys))
+        if losses.shape != (z.shape[0],):
+            raise ValueError(f"loss_fn must return one loss per sample, shape ({z.shape[0]},), got {tuple(losses.shape)}")
+        return list(losses.split(sizes))
+
+    def _solve_with_slack(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
+                          grids: dict[_Trial, tuple[Tensor, Tensor]], weights: Tensor | None = None, *,
+                          what: str) -> dict[_Trial, tuple[Tensor, Tensor]]:
+        """Steps 1 and 3-4 for one batch of each trial: its loss (backpropagated) and accepted mask, on the device.
+
+        A trial's loss is its batch mean, or ``sum(weights * losses)`` with per-sample weights. Eager solves
+        check each trial's loss for NaN/Inf at once (one sync for all) and end the trials that diverged before
+        the backward pass; graphed solves leave that to the caller's one sync per step: a NaN loss then leaves
+        NaN only in its own trial's ξ (samples never interact), never in a saved best state."""
+        trials = list(idx)
+        leaves = [stores[t][idx[t]].requires_grad_(t.hp.slack_radius > 0) for t in trials]
+        ys = [data.y[idx[t]] for t in trials]
+        conds = [None if data.cond is None else data.cond[idx[t]] for t in trials]
+        losses = self._losses(trials, leaves, ys, conds, [grids[t] for t in trials])
+        finite = [True] * len(trials)
+        if not self.solves_are_graphed:
+            finite = torch.stack([torch.isfinite(part.detach().sum()) for part in losses]).tolist()
+        kept = [i for i, ok in enumerate(finite) if ok]
+        for i, ok in enumerate(finite):
+            if not ok:
+                trials[i].outcome = trials[i].diverged(what)
+        totals = {i: losses[i].mean() if weights is None else (weights * losses[i]).sum() for i in kept}
+        total = sum(totals.values())
+        if kept and total.requires_grad:
+            total.backward()
+        accepted = self._slack_steps(data, stores, idx, {trials[i]: (leaves[i], losses[i].detach(), ys[i], conds[i])
+                                                          for i in kept}, grids)
+        return {trials[i]: (totals[i].detach(), accepted[trials[i]]) for i in kept}
+
+    def _slack_steps(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
+                     solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]],
+                     grids: dict[_Trial, tuple[Tensor, Tensor]]) -> dict[_Trial, Tensor]:
+        """SGD step of each z', projection onto its ball, accept per sample where the loss went down -> masks.
+
+        The candidates of all trials are scored in one solve under each trial's pre-step schedule."""
+        accepted = {t: torch.zeros(len(idx[t]), dtype=torch.bool, device=stores[t].device) for t in solved}
+        moving = [t for t, (leaf, *_) in solved.items() if t.hp.slack_radius > 0 and leaf.grad is not None]
+        if not moving:
+            return accepted
+        with torch.no_grad():
+            candidates = [project_to_ball(solved[t][0] - t.shift_lr * solved[t][0].grad, data.z[idx[t]],
+                                          t.hp.slack_radius) for t in moving]
+            new_losses = self._losses(moving, candidates, [solved[t][2] for t in moving], [solved[t][3] for t in moving],
+                                      [tuple(g.detach() for g in grids[t]) for t in moving])
+            for t, candidate, new in zip(moving, candidates, new_losses, strict=True):
+                accept = new < solved[t][1]
+                stores[t][idx[t]] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, stores[t][idx[t]])
+                accepted[t] = accept
+        return accepted
+
+    @torch.no_grad()
+    def _mean_losses(self, trials: Sequence[_Trial], data: TeacherData, latents: dict[_Trial, Tensor],
+                     counts: dict[_Trial, int]) -> dict[_Trial, Tensor]:
+        """Mean per-sample loss of each trial's current schedule on its first ``counts`` latents (float64, device).
+
+        All trials' rows are solved together, ``val_solve_batch_size`` (else ``val_batch_size``) per trial at a time."""
+        sizes = [counts[t] for t in trials]
+        sigmas, sigmas_eval = _per_sample_grids([t.disc() for t in trials], sizes)
+        batch = (self.shared.val_solve_batch_size or self.shared.val_batch_size) * len(trials)
+        losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, _cat([latents[t][:counts[t]] for t in trials]),
+                               _cat([data.y[:n] for n in sizes]), self.loss_fn, sigmas_eval=sigmas_eval,
+                               cond=_cat([None if data.cond is None else data.cond[:n] for n in sizes]),
+                               decode=self.decode, coefficients=trials[0].coef if len(trials) == 1 else None,
+                               batch_size=batch)
+        return {t: part.to(torch.float64).mean() for t, part in zip(trials, losses.split(sizes), strict=True)}
+
+    def _val_losses(self, trials: Sequence[_Trial]) -> dict[_Trial, Tensor]:
+        """Each trial's validation-check loss (first validation batch, or all once ``val_on_all``), on the device."""
+        return self._mean_losses(trials, self.val, {t: t.z_val for t in trials},
+                                 {t: t.check_count(len(self.val)) for t in trials})
+
+    @torch.no_grad()
+    def _to_host(self, scalars: dict[_Trial, list[Tensor]]) -> dict[_Trial, tuple[list[float], Tensor, Tensor]]:
+        """Each trial's device scalars and current (σ, σ_eval), copied to the CPU in ONE host synchronisation.
+
+        The trainer reads the GPU only here, once per step, so between two checks the host queues the
+        next step's kernels while the device still runs the last ones."""
+        pieces, layout = [], []
+        for t, values in scalars.items():
+            sigmas, sigmas_eval = t.disc()
+            pieces += [torch.stack([v.detach().to(torch.float64) for v in values]),
+                       sigmas.to(torch.float64), sigmas_eval.to(torch.float64)]
+            layout.append((t, len(values), sigmas.numel()))
+        packed = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
+        out, at = {}, 0
+        for t, count, n in layout:
+            out[t] = (packed[at:at + count].tolist(), packed[at + count:at + count + n].clone(),
+                      packed[at + count + n:at + count + 2 * n].clone())
+            at += count + 2 * n
+        return out
+
+    def _rescore(self, trial: _Trial) -> Callable[[], float]:
+        return lambda: self._to_host({trial: [self._val_losses([trial])[trial]]})[trial][0][0]
+
+    # ---- one round's parts (docs/method.md#training, steps 1-5) ------------------------------------
+    def _check_now(self, trials: list[_Trial]) -> None:
+        """A validation check of every trial outside a training step (round start)."""
+        host = self._to_host({t: [loss] for t, loss in self._val_losses(trials).items()})
+        for t in trials:
+            with self._guard(t):
+                (loss,), sigmas, sigmas_eval = host[t]
+                t.check(loss, sigmas, sigmas_eval, self._rescore(t))
+
+    def _step(self, idx: dict[_Trial, Tensor]) -> None:
+        """Steps 1-4 on one batch of every active trial, its validation check, and the step's reports."""
+        for t in idx:
+            t.set_trainable(t.phase)
+        grids = {t: t.disc() for t in idx}
+        solved = self._solve_with_slack(self.train, {t: t.z_train for t in idx}, idx, grids, what="the training loss")
+        if not solved:
+            return
+        for t in solved:
+            t.step_parameters()
+            t.step += 1
+        val_losses = self._val_losses(list(solved))
+        host = self._to_host({t: [loss, val_losses[t], accept.float().mean(), t.max_slack_distance(self.train, self.val)]
+                              for t, (loss, accept) in solved.items()})
+        for t in solved:
+            with self._guard(t):
+                (train_loss, val_loss, accepted, slack_distance), sigmas, sigmas_eval = host[t]
+                t.require_finite(train_loss, "the training loss")
+                t.check(val_loss, sigmas, sigmas_eval, self._rescore(t))
+                t.emit_step(train_loss, val_loss, accepted, slack_distance, sigmas, sigmas_eval)
+                if t.lr2_floor_hits >= t.config.lr2_floor_hits:
+                    self._finish([t], "lr2_floor")
+
+    def _validation_slack_pass(self, trials: list[_Trial]) -> None:
+        """Slack steps on each trial's validation latents with its schedule fixed; a trial none of whose
+        latents moved multiplies its shift_lr by ``shift_lr_decay``.
+
+        With the schedules fixed the samples are independent, so they are solved ``val_slack_batch_size``
+        per trial at a time; each loss is weighted by 1 / (size of its ``train_batch_size`` chunk), so every
+        latent takes the step of the reference's per-train-batch pass whatever the batch."""
+        trials = [t for t in trials if t.hp.slack_radius > 0]
+        if not trials:
+            return
+        for t in trials:
+            t.freeze()
+        with torch.no_grad():
+            grids = {t: t.disc() for t in trials}
+        count, device = len(self.val), self.val.z.device
+        chunk_sizes = [len(c) for c in torch.arange(count).split(self.shared.train_batch_size)]
+        weights = torch.cat([torch.full((n,), 1.0 / n) for n in chunk_sizes]).to(device, self.val.z.dtype)
+        batch = self.shared.val_slack_batch_size or self.shared.train_batch_size
+        moved = {t: torch.zeros((), dtype=torch.bool, device=device) for t in trials}
+        losses: dict[_Trial, list[Tensor]] = {t: [] for t in trials}
+        for idx in torch.arange(count, device=device).split(batch):
+            live = [t for t in trials if t.outcome is None]
+            if not live:
+                return
+            solved = self._solve_with_slack(self.val, {t: t.z_val for t in live}, {t: idx for t in live}, grids,
+                                            weights[idx], what="the validation slack loss")
+            for t, (loss, accept) in solved.items():
+                losses[t].append(loss)
+                moved[t] |= accept.any()
+        live = [t for t in trials if t.outcome is None]
+        host = self._to_host({t: [*losses[t], moved[t]] for t in live})
+        for t in live:
+            with self._guard(t):
+                values = host[t][0]
+                t.require_finite(torch.tensor(values[:-1]), "the validation slack loss")
+                if not values[-1]:
+                    t.shift_lr *= t.config.shift_lr_decay
+
+    def _finish(self, trials: list[_Trial], stop_reason: str) -> None:
+        """End trials: each best state, scored on the ORIGINAL validation latents (no slack), in one batched solve."""
+        if not trials:
+            return
+        wall_time_s = time.perf_counter() - self.start
+        for t in trials:
+            if t.best is not None:  # else stopped before its first check: the initial schedule
+                t.reload_best()
+        finals = self._mean_losses(trials, self.val, {t: self.val.z for t in trials}, {t: len(self.val) for t in trials})
+        host = self._to_host({t: [finals[t], t.max_slack_distance(self.train, self.val)] for t in trials})
+        for t in trials:
+            (final, slack_distance), sigmas, sigmas_eval = host[t]
+            if not math.isfinite(final):
+                t.outcome = t.diverged("the final validation loss")
+                continue
+            t.outcome = LD3Result(
+                sigmas=sigmas, sigmas_eval=sigmas_eval, best_val_loss=math.inf if t.best is None else t.best.val_loss,
+                final_val_loss=final,
+                n_steps=t.disc.n_steps, nfe=self.nfe, steps=t.step, max_slack_distance=slack_distance,
+                stop_reason=stop_reason, wall_time_s=wall_time_s, hyperparameters=t.hp, history=tuple(t.history),
+                coefficients=t.host_coefficients(),
+            )
 
 
 def train_ld3(
@@ -682,28 +931,11 @@ def train_ld3(
 
     Returns the best schedule (and, with ``learn_coefficients``, the best coefficient corrections, to pass as
     ``coefficients=`` to the solver or ``ld3.sampling.sample``), its loss on the original validation latents
-    and the history.
+    and the history. It is the bundle of one trial (``LD3Bundle``).
     Raises ``TrainingDiverged`` (with the last finite best schedule attached) if the loss turns NaN/Inf.
     """
-    if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be an ld3.schedules.NoiseSchedule, got {type(schedule).__name__}")
-    if order < 1:
-        raise ValueError(f"order must be >= 1, got {order}")
-    n_steps, n_fe = _resolve_steps(solver, order, n_steps, nfe)
-    coef_shape = _coefficient_shape(solver, order, n_steps, config)
-    _check_inputs(train, val)
-    device, dtype = train.z.device, train.z.dtype
-    move = lambda d: TeacherData(d.z.to(device, dtype), d.y.to(device, dtype),  # noqa: E731
-                                 None if d.cond is None else d.cond.to(device))
-    train, val = move(train), move(val)
-    if loss_fn is None:
-        loss_fn = get_loss(config.loss)
-    if isinstance(loss_fn, nn.Module):
-        loss_fn = loss_fn.to(device)
-    solver_fn = get_solver(solver) if isinstance(solver, str) else solver
-    run = _Run(_prepare_denoiser(denoiser, config), GraphedSolver(solver_fn) if config.cuda_graphs else solver_fn, order,
-               schedule, train, val, config, config.derive(n_steps, train.z.shape[1:]), decode, loss_fn,
-               _as_callbacks(callbacks), n_steps, coef_shape)
-    start = time.perf_counter()
-    reason = run.run()
-    return run.result(reason, n_fe, time.perf_counter() - start)
+    (outcome,) = LD3Bundle(denoiser, solver, order, schedule, train, val, [config], n_steps=n_steps, nfe=nfe,
+                           decode=decode, loss_fn=loss_fn, callbacks=[callbacks]).run()
+    if isinstance(outcome, TrainingDiverged):
+        raise outcome
+    return outcome

@@ -26,6 +26,8 @@ from pipeline.search.space import SolverChoice
 from pipeline.summary import format_table, incomplete_cells
 
 ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
+# --learn-coefficients: SearchSpace.learn_coefficients (docs/method.md#learned-coefficients)
+LEARN_COEFFICIENTS = {"off": (False,), "on": (True,), "search": (False, True)}
 # Errors that mean "fix your input or environment": reported in one line, exit code 2. Nothing else is:
 # an unexpected ValueError deep in a run is a bug, and keeps its traceback.
 USER_ERRORS = (StudyInputError,)
@@ -97,6 +99,10 @@ def build_parser(description: str, defaults: StudyConfig | None = None) -> argpa
                    + _study_default(defaults, lambda d: f"{d.gpus_per_trial:g}"))
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial"
                    + _study_default(defaults, lambda d: f"{d.cpus_per_trial:g}"))
+    p.add_argument("--learn-coefficients", choices=list(LEARN_COEFFICIENTS), default=None,
+                   help="learn the multistep solver's coefficients too: off, on, or searched by Optuna"
+                   + _study_default(defaults, lambda d: {frozenset(v): k for k, v in LEARN_COEFFICIENTS.items()}[
+                       frozenset(d.search.learn_coefficients)]))
     p.add_argument("--no-resume", action="store_true", help="start a new MLflow parent run and new Tune experiments")
     p.add_argument("--dry-run", action="store_true",
                    help="check every input and print the study's plan, then exit without writing anything")
@@ -125,6 +131,8 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfi
         "cpus_per_trial": args.cpus_per_trial,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if args.learn_coefficients is not None:
+        config = replace(config, search=replace(config.search, learn_coefficients=LEARN_COEFFICIENTS[args.learn_coefficients]))
     return _apply_evaluation_flags(config, args)
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.schedules import NoiseSchedule
+from ld3.solvers import coefficient_shape
 from ld3.train import LD3Config
 from pipeline.errors import as_input_error
 from pipeline.evaluation.report import record_evaluation
@@ -94,6 +95,17 @@ class StudyConfig:
             raise ValueError("StudyConfig.num_trials and max_concurrent must be >= 1")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("StudyConfig.cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if True in self.search.learn_coefficients:
+            self._check_learnable_coefficients()
+
+    def _check_learnable_coefficients(self) -> None:
+        """Every solver of the study has coefficients to learn, and the trainer accepts learning them."""
+        for choice in self.solvers:
+            try:
+                coefficient_shape(choice.name, 1, choice.order)
+            except ValueError as err:
+                raise ValueError(f"SearchSpace.learn_coefficients includes True, but {err}") from None
+        replace(self.trainer, learn_coefficients=True)  # LD3Config refuses e.g. cuda_graphs with it
 
     def search_settings(self) -> SearchSettings:
         """What the search stage reads of this study."""
@@ -282,6 +294,7 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
                       sigmas_eval=cell.best["sigmas_eval"] if trial_config.get("decoupled") else None)
     else:
         winner = dict(base, config={"discretization": base_name}, mode=base_name, sigmas_eval=None)
+    coefficients = winner.get("coefficients")  # the trial's learned solver coefficients (learn_coefficients), or None
     metrics |= {k: winner[k] for k in ("final_val_loss", *QUALITY_KEYS) if k in winner}
     exported = build_export(
         sigmas=torch.tensor(winner["sigmas"], dtype=torch.float64), noise_schedule=schedule,
@@ -289,6 +302,7 @@ def _export_best(study: StudyConfig, options: StudyOptions, tracker: StudyTracke
         sigmas_eval=None if winner["sigmas_eval"] is None else torch.tensor(winner["sigmas_eval"], dtype=torch.float64),
         metrics=metrics, config=winner["config"], teacher_cache_key=cache_key, mlflow_run_id=winner["mlflow_run_id"],
         study=study.name, source=cell.winner, learned_beats_baseline=None if cell.best is None else cell.learned_wins,
+        coefficients=None if coefficients is None else torch.tensor(coefficients, dtype=torch.float64),
     )
     outcome = save_best_export(exported, study_exports_dir(options.exports_dir, study.name), tracker=tracker)
     if outcome.note:

@@ -242,7 +242,7 @@ def test_a_model_without_known_moments_needs_fid_reference_statistics(local_ray)
 
 
 def test_a_learned_target_needs_its_grid():
-    with pytest.raises(ValueError, match="give sigmas exactly"):
+    with pytest.raises(ValueError, match="give the learned sigmas"):
         ScheduleTarget("m", "euler", 1, 4, LEARNED)
 
 

@@ -50,7 +50,7 @@ def ipndm(
     ``(sigma_{i+1} - sigma_i) delta_{i,j}`` to the weight of eps_{i-j}, delta the zero-sum projection of row i.
     """
     sigmas, sigmas_eval = prepare_grids("ipndm", x, sigmas, sigmas_eval, order, IPNDM_ORDERS)
-    n_steps = sigmas.numel() - 1
+    n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=False)
     step_sizes = sigmas[1:] - sigmas[:-1]
     # Python-float coefficients times the step sizes: no host-to-device copy.

@@ -7,6 +7,11 @@ Every solver integrates the probability-flow ODE in EDM form (docs/method.md#edm
 from ``sigmas[0]`` down to ``sigmas[-1]`` (no final jump to sigma = 0). Decoupled timesteps
 (docs/method.md#the-learnable-discretisation): the step formulas use the step grid ``sigmas``; the denoiser call
 and any conversion of its output (D <-> eps) use the evaluation grid ``sigmas_eval``.
+
+Per-sample grids (docs/method.md#batched-trials): ``sigmas`` may be [N+1] (one grid for the batch) or [B, N+1]
+(one grid per sample, e.g. K trials' schedules solved in one batch). Solvers work on the *step-major* layout
+that ``prepare_grids`` returns, [N+1] or [N+1, B, 1, ..., 1]: indexing and slicing steps act on dim 0, the
+per-step coefficients then broadcast against x, and all solver arithmetic is written once for both.
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ def _check_shapes(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
         raise ValueError(
             f"x must be a floating-point tensor [B, ...] with B >= 1, got {x.dtype} of shape {tuple(x.shape)}"
         )
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
+    per_sample = sigmas.ndim == 2 and sigmas.shape[0] == x.shape[0]
+    if not (sigmas.ndim == 1 or per_sample) or sigmas.shape[-1] < 2:
         raise ValueError(
-            f"sigmas must be a 1-D tensor of N+1 >= 2 noise levels (N solver steps), got shape {tuple(sigmas.shape)}"
+            f"sigmas must be a 1-D tensor of N+1 >= 2 noise levels (N solver steps), or one such grid per sample "
+            f"[{x.shape[0]}, N+1], got shape {tuple(sigmas.shape)}"
         )
     if sigmas_eval.shape != sigmas.shape:
         raise ValueError(
@@ -87,10 +94,12 @@ def _check_values(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
     if not sigmas_ok:
         raise ValueError(f"sigmas must be finite and > 0, got {s.tolist()}")
     if not decreasing:
-        bad = int(torch.nonzero(s[1:] >= s[:-1])[0]) + 1
+        bad = torch.nonzero(s[1:] >= s[:-1])[0].tolist()  # (step, sample...) in the step-major layout
+        step, where = bad[0] + 1, tuple(bad[1:])
+        sample = f" (sample {where[0]})" if where else ""
         raise ValueError(
-            f"sigmas must decrease strictly (sigma_max first, sigma_min last) in {x.dtype}; "
-            f"sigmas[{bad}]={float(s[bad]):.8g} >= sigmas[{bad - 1}]={float(s[bad - 1]):.8g}"
+            f"sigmas must decrease strictly (sigma_max first, sigma_min last) in {x.dtype}{sample}; "
+            f"sigmas[{step}]={float(s[(step, *where)]):.8g} >= sigmas[{step - 1}]={float(s[(step - 1, *where)]):.8g}"
         )
     if not eval_ok:
         raise ValueError(f"sigmas_eval must be finite and > 0, got {se.tolist()}")
@@ -104,7 +113,8 @@ def prepare_grids(
     order: int,
     supported_orders: Sequence[int],
 ) -> tuple[Tensor, Tensor]:
-    """Validate a solver call; return ``(sigmas, sigmas_eval)`` in x's dtype and on x's device.
+    """Validate a solver call; return ``(sigmas, sigmas_eval)`` in x's dtype and on x's device, in the step-major
+    layout (module docstring): [N+1] as given, or [B, N+1] per-sample grids as [N+1, B, 1, ..., 1].
 
     ``sigmas_eval=None`` means "evaluate on the step grid": the very same tensor is used for both,
     so the result is bit-identical to passing ``sigmas_eval=sigmas``. Casting is differentiable.
@@ -114,15 +124,28 @@ def prepare_grids(
     if sigmas_eval is None:
         sigmas_eval = sigmas
     _check_shapes(x, sigmas, sigmas_eval)
-    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    sigmas_eval = sigmas_eval.to(device=x.device, dtype=x.dtype)
+    sigmas, sigmas_eval = (step_major(g.to(device=x.device, dtype=x.dtype), x) for g in (sigmas, sigmas_eval))
     _check_values(x, sigmas, sigmas_eval)
     return sigmas, sigmas_eval
 
 
+def step_major(grid: Tensor, x: Tensor) -> Tensor:
+    """A [N+1] grid as it is; per-sample grids [B, N+1] as [N+1, B, 1, ..., 1], broadcasting against x per step."""
+    if grid.ndim == 1:
+        return grid
+    return grid.transpose(0, 1).reshape(grid.shape[1], grid.shape[0], *([1] * (x.ndim - 1)))
+
+
+def initial_state(sigmas: Tensor, z: Tensor) -> Tensor:
+    """``x_T = sigmas[0] · z``, with each sample's own sigma_max when ``sigmas`` holds one grid per sample [B, N+1]."""
+    if sigmas.ndim == 1:
+        return sigmas[0] * z
+    return step_major(sigmas, z)[0] * z
+
+
 def denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-    """``D(x, sigma)`` for a 0-dim ``sigma``, handed to the denoiser as a [B] tensor."""
-    return denoiser(x, sigma.expand(x.shape[0]), cond)
+    """``D(x, sigma)`` for one step's ``sigma`` (0-dim, or [B, 1, ..., 1] per sample), handed over as a [B] tensor."""
+    return denoiser(x, sigma.reshape(-1).expand(x.shape[0]), cond)
 
 
 def noise_prediction(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
@@ -144,8 +167,8 @@ def step_orders(n_steps: int, order: int, lower_order_final: bool) -> list[int]:
 
 
 def shifted(values: Tensor, k: int) -> Tensor:
-    """``values[i - k]`` for every i (``values[0]`` where ``i < k``): past entries, vectorised over steps."""
-    index = (torch.arange(values.numel(), device=values.device) - k).clamp_min(0)
+    """``values[i - k]`` for every step i (``values[0]`` where ``i < k``): past entries, vectorised over steps (dim 0)."""
+    index = (torch.arange(values.shape[0], device=values.device) - k).clamp_min(0)
     return values[index]
 
 
@@ -183,5 +206,7 @@ def corrected_weights(weights: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
     """``weights[i, k] + scale[i] * delta[i, k]`` for the [N, p] weights of order-p steps (delta's first p columns).
 
     ``scale`` is each step's weight sum (Δσ for iPNDM, 1 - e^{-h} for data prediction), so a correction is a
-    fraction of the step's own size. With delta = 0 the weights are returned bit for bit (w + 0 == w)."""
-    return weights + scale[:, None] * delta[:, : weights.shape[1]]
+    fraction of the step's own size. With delta = 0 the weights are returned bit for bit (w + 0 == w).
+    Step-major per-sample weights [N, p, B, 1, ...] take the same corrections for every sample."""
+    delta = delta[:, : weights.shape[1]]
+    return weights + scale[:, None] * delta.reshape(*delta.shape, *([1] * (weights.ndim - 2)))

@@ -83,7 +83,7 @@ def dpmpp(
     step's weight sum 1 - e^{-h_i} and projected to zero sum per step.
     """
     sigmas, sigmas_eval = prepare_grids("dpmpp", x, sigmas, sigmas_eval, order, DPMPP_ORDERS)
-    n_steps = sigmas.numel() - 1
+    n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=n_steps < LOWER_ORDER_FINAL_BELOW_STEPS)
     weights = dpmpp_weights(sigmas, max(orders))
     if coefficients is not None:

@@ -42,16 +42,18 @@ UNIPC_ORDERS = (1, 2, 3)
 def solve_vandermonde(nodes: Tensor, rhs: Tensor) -> Tensor:
     """Solve ``sum_k rho_k nodes_k^j = rhs_j`` (j = 0..p-1) for every step: nodes, rhs [N, p] -> rho [N, p].
 
-    One batched, differentiable solve without error check (no host synchronisation).
+    One batched, differentiable solve without error check (no host synchronisation). Step-major per-sample
+    inputs [N, p, B, 1, ...] give rho of that shape.
     """
-    vandermonde = torch.stack([nodes**j for j in range(nodes.shape[1])], dim=1)  # [N, j, k] = nodes_k^j
-    return torch.linalg.solve_ex(vandermonde, rhs)[0]
+    nodes, rhs = nodes.movedim(1, -1), rhs.movedim(1, -1)  # [N, ..., p]
+    vandermonde = torch.stack([nodes**j for j in range(nodes.shape[-1])], dim=-2)  # [N, ..., j, k] = nodes_k^j
+    return torch.linalg.solve_ex(vandermonde, rhs)[0].movedim(-1, 1)
 
 
 def _past_ratios(lam: Tensor, h: Tensor, k: int) -> Tensor:
     """r_k = (lambda_{i-k} - lambda_i) / h_i for every step i; -k (a finite stand-in) where i < k."""
     r = (shifted(lam[:-1], k) - lam[:-1]) / h
-    has_history = torch.arange(h.numel(), device=h.device) >= k
+    has_history = (torch.arange(h.shape[0], device=h.device) >= k).reshape(-1, *([1] * (h.ndim - 1)))
     return torch.where(has_history, r, torch.full_like(r, -float(k)))
 
 
@@ -128,7 +130,7 @@ def _unipc(
 ) -> Tensor:
     name = f"unipc_{variant}"
     sigmas, sigmas_eval = prepare_grids(name, x, sigmas, sigmas_eval, order, UNIPC_ORDERS)
-    n_steps = sigmas.numel() - 1
+    n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=True)
     weights = unipc_weights(sigmas, set(orders), variant)
     if coefficients is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ld3.baselines import AYS_MODEL_OF_FAMILY
 from pipeline.evaluation.sampling import evaluate_schedules
 from pipeline.evaluation.targets import (
     CLASS_ACCURACY,
@@ -132,7 +133,8 @@ def evaluate_exports(spec: ModelSpec, exports_dir: str | Path, config: Evaluatio
     """Evaluate the schedules exported for ``spec`` in ``exports_dir`` and the baselines of their cells; with
     ``tracking_uri`` (the study's), log to the trial and baseline runs. Metrics go into the JSON files."""
     client = connect(tracking_uri) if tracking_uri is not None else None
-    targets = targets_from_exports(exports_dir, model=spec.model_id, client=client, baselines=config.baselines)
+    targets = targets_from_exports(exports_dir, model=spec.model_id, client=client, baselines=config.baselines,
+                                   ays_model=AYS_MODEL_OF_FAMILY.get(spec.family))
     result = evaluate_schedules(spec, targets, config, dtype=dtype, reserved_seeds=reserved_seeds,
                                 show_progress=show_progress)
     record_evaluation(result, client)

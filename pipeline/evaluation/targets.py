@@ -4,24 +4,28 @@ schedule) found in a study's cells or an exports folder, and the numbers of each
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from ld3.discretizations import BASELINES, get_baseline
+from ld3.baselines import GITS, check_baseline_name, named_grid, study_baseline_names
 from ld3.solvers import solver_steps_for_nfe
 from pipeline.errors import StudyInputError, check_int
 from pipeline.models.registry import ConditionValue
 from pipeline.recording.exports import ExportedSchedule, load_schedule
-from pipeline.recording.runs import Client, sibling_baseline_runs
+from pipeline.recording.runs import Client, logged_grid, sibling_baseline_runs
 
 if TYPE_CHECKING:
     from ld3.fid import FeatureStats
     from pipeline.search.cell import CellResult
+
+log = logging.getLogger(__name__)
 
 LEARNED = "learned"  # name of a learned schedule among the baselines' names
 DEFAULT_SEED_OFFSET = 2_000_000  # above the teacher's seeds (0..) and the study's FD seeds (1,000,000..)
@@ -48,7 +52,9 @@ class EvaluationConfig:
     seed_offset: int = DEFAULT_SEED_OFFSET  # sample i has seed seed_offset + i; must miss the teacher's seeds
     fid_reference: str | None = None  # .npz with mu/sigma, or a folder/.zip of real images (stats cached); None: no FID
     inception_weights: str | None = None  # FID network file; None: the torch hub cache (ld3.fid.inception_weights_path)
-    baselines: tuple[str, ...] | None = None  # fixed grids evaluated beside the learned one; None: all of BASELINES
+    # Baselines evaluated beside the learned schedule (names of ld3.baselines.BASELINE_NAMES); None: every one the
+    # study computed for the cell (ld3.baselines.cell_baselines: the fixed grids, GITS, DMN, AYS where published).
+    baselines: tuple[str, ...] | None = None
     conditions: tuple[ConditionValue, ...] | None = None  # class ids or prompts, cycled over the samples; None: unconditional
     grid_size: int = 8  # the sample grid artifact shows grid_size x grid_size samples (0: no grid)
 
@@ -68,7 +74,7 @@ class EvaluationConfig:
         check_int("EvaluationConfig", "concurrency", self.concurrency, 1)
         check_int("EvaluationConfig", "actor_start_timeout_s", self.actor_start_timeout_s, 1)
         for name in self.baselines or ():
-            get_baseline(name)  # ValueError listing the valid names
+            check_baseline_name(name)  # ValueError listing the valid names
         if self.conditions is not None:
             kinds = {isinstance(c, str) for c in self.conditions}
             if not self.conditions or len(kinds) > 1 or any(isinstance(c, bool) for c in self.conditions):
@@ -86,25 +92,32 @@ class EvaluationConfig:
 
 @dataclass(frozen=True, eq=False)
 class ScheduleTarget:
-    """One schedule to evaluate: a learned grid (``sigmas`` given) or a baseline (built by the worker
-    from the model's noise schedule, exactly as the study built it)."""
+    """One schedule to evaluate: a learned grid (``sigmas`` given, with its learned solver ``coefficients`` if
+    any) or a baseline: the grid the study computed for the cell (``sigmas`` given; GITS depends on the model's
+    teacher trajectories) or one the worker builds from the model's noise schedule alone (``sigmas`` None)."""
 
     model: str
     solver: str
     order: int
     nfe: int
-    name: str  # LEARNED or a key of ld3.discretizations.BASELINES
+    name: str  # LEARNED or a name of ld3.baselines.BASELINE_NAMES
     sigmas: Tensor | None = None
     sigmas_eval: Tensor | None = None
     mlflow_run_id: str | None = None  # the trial's or baseline's run, where the metrics go
     export_path: str | None = None  # the exported JSON of a learned schedule, where the metrics go too
+    coefficients: Tensor | None = None  # learned solver coefficient corrections of a learned schedule, or None
 
     def __post_init__(self) -> None:
-        if (self.sigmas is None) != (self.name != LEARNED):
-            raise ValueError(f"ScheduleTarget {self.name!r}: give sigmas exactly for a {LEARNED!r} schedule; "
-                             "baselines are built from the model's noise schedule")
-        if self.sigmas is None:
-            get_baseline(self.name)
+        if self.name == LEARNED:
+            if self.sigmas is None:
+                raise ValueError(f"ScheduleTarget {LEARNED!r}: give the learned sigmas (baselines may omit theirs)")
+            return
+        check_baseline_name(self.name)
+        if self.sigmas_eval is not None or self.coefficients is not None:
+            raise ValueError(f"ScheduleTarget {self.name!r}: a baseline has no sigmas_eval or coefficients")
+        if self.sigmas is None and self.name == GITS:
+            raise ValueError("ScheduleTarget 'gits': give the study's GITS grid (it depends on the model's teacher "
+                             "trajectories, so the worker cannot rebuild it)")
 
     @property
     def cell(self) -> tuple[str, int, int]:
@@ -114,39 +127,45 @@ class ScheduleTarget:
     def label(self) -> str:
         return f"{self.solver}-o{self.order}/nfe{self.nfe}/{self.name}"
 
-    def grid(self, schedule: Any) -> tuple[Tensor, Tensor | None]:
-        """(sigmas, sigmas_eval) of this schedule for a model with noise schedule ``schedule``."""
+    def grid(self, schedule: Any, latent: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sigmas, sigmas_eval) of this schedule for a model with noise schedule ``schedule`` (``latent``: a
+        latent model, for DMN's recipe)."""
         if self.sigmas is not None:
             return self.sigmas, self.sigmas_eval
-        return get_baseline(self.name)(solver_steps_for_nfe(self.solver, self.nfe), schedule), None
+        return named_grid(self.name, solver_steps_for_nfe(self.solver, self.nfe), schedule, latent=latent), None
 
 
 def learned_target(exported: ExportedSchedule, export_path: str | Path | None = None) -> ScheduleTarget:
-    """The schedule of an exported JSON (its MLflow run from the provenance)."""
+    """The schedule of an exported JSON, learned coefficients included (its MLflow run from the provenance)."""
     return ScheduleTarget(exported.model, exported.solver, exported.order, exported.nfe, LEARNED,
-                          sigmas=exported.sigmas, sigmas_eval=exported.sigmas_eval,
+                          sigmas=exported.sigmas, sigmas_eval=exported.sigmas_eval, coefficients=exported.coefficients,
                           mlflow_run_id=exported.provenance.mlflow_run_id,
                           export_path=None if export_path is None else str(export_path))
 
 
 def targets_from_cells(model_id: str, cells: Iterable[CellResult],
                        baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
-    """The exported best schedule and the baselines of each study cell."""
+    """The exported best schedule of each study cell and the cell's baselines, with the grids the study computed
+    and scored for them (``CellResult.baselines``, from ld3.baselines.cell_baselines): all of them, or those of
+    ``baselines`` the cell has (a baseline the study could not compute for the model, e.g. AYS, is left out)."""
     targets = []
     for cell in cells:
         if cell.export_path is not None:
             targets.append(learned_target(load_schedule(cell.export_path), cell.export_path))
-        for name in sorted(BASELINES) if baselines is None else baselines:
-            run_id = cell.baselines.get(name, {}).get("mlflow_run_id")
+        for name in sorted(cell.baselines) if baselines is None else [b for b in baselines if b in cell.baselines]:
+            measured = cell.baselines[name]
             targets.append(ScheduleTarget(model_id, cell.solver.name, cell.solver.order, cell.nfe, name,
-                                          mlflow_run_id=run_id))
+                                          sigmas=torch.tensor(measured["sigmas"], dtype=torch.float64),
+                                          mlflow_run_id=measured.get("mlflow_run_id")))
     return targets
 
 
 def targets_from_exports(exports_dir: str | Path, *, model: str | None = None, client: Client | None = None,
-                         baselines: Sequence[str] | None = None) -> list[ScheduleTarget]:
-    """The schedules exported in ``exports_dir`` (of ``model`` only, if given) and the baselines of their cells;
-    with ``client``, each baseline is matched to the study's baseline run of the same cell."""
+                         baselines: Sequence[str] | None = None, ays_model: str | None = None) -> list[ScheduleTarget]:
+    """The schedules exported in ``exports_dir`` (of ``model`` only, if given) and the baselines of their cells:
+    ``baselines``, or the study's set (ld3.baselines.study_baseline_names with ``ays_model``). With ``client``,
+    each baseline is matched to the study's baseline run of the same cell and takes the grid that run logged;
+    GITS, which depends on the teacher trajectories, is evaluated only then."""
     folder = Path(exports_dir).expanduser()
     if not folder.is_dir():
         raise StudyInputError(f"exports_dir {folder} is not a folder; pass the --exports-dir of the study")
@@ -158,9 +177,13 @@ def targets_from_exports(exports_dir: str | Path, *, model: str | None = None, c
     for path, schedule in exported:
         targets.append(learned_target(schedule, path))
         run_ids = sibling_baseline_runs(client, schedule.provenance.mlflow_run_id) if client is not None else {}
-        for name in sorted(BASELINES) if baselines is None else baselines:
+        for name in study_baseline_names(ays_model) if baselines is None else baselines:
+            sigmas = logged_grid(client, run_ids[name]) if name in run_ids else None
+            if name == GITS and sigmas is None:
+                log.warning("%s: no GITS grid logged for this cell (pass the study's tracking URI); GITS left out", path)
+                continue
             targets.append(ScheduleTarget(schedule.model, schedule.solver, schedule.order, schedule.nfe, name,
-                                          mlflow_run_id=run_ids.get(name)))
+                                          sigmas=sigmas, mlflow_run_id=run_ids.get(name)))
     return targets
 
 

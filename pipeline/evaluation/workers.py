@@ -80,7 +80,7 @@ class _SampleStatsWorker:
         self.quality_reference = None
         if self.model.quality is not None:
             self.quality_reference = fid.FeatureStats(*self.model.quality.reference())
-        self.grids = [target.grid(self.model.schedule) for target in targets]
+        self.grids = [target.grid(self.model.schedule, latent=self.model.decode is not None) for target in targets]
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, requests: pa.Table) -> pa.Table:
@@ -134,7 +134,7 @@ class _SampleStatsWorker:
         z = latents_from_seeds(seeds, self.model.shape, self.dtype, self.device)
         cond = None if conditions is None else self.model.encode_condition(conditions, self.device)
         return sample(self.model.denoiser, schedule.solver, schedule.order, sigmas, z, sigmas_eval=sigmas_eval,
-                      cond=cond, decode=self.model.decode, batch_size=len(seeds))
+                      cond=cond, decode=self.model.decode, batch_size=len(seeds), coefficients=schedule.coefficients)
 
 
 def evaluation_requests(targets: Sequence[ScheduleTarget], config: EvaluationConfig) -> list[pa.Table]:

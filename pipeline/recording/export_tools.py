@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ld3.schedules import EDMSchedule, NoiseSchedule
 from ld3.solvers import nfe as solver_nfe
-from pipeline.recording.exports import INTERPOLATED_MODE, ExportedSchedule, build_export
+from pipeline.recording.exports import HONOURS_COEFFICIENTS, INTERPOLATED_MODE, ExportedSchedule, build_export
 
 
 def noise_schedule_named(name: str, sigmas: Tensor, scheduler_config: Mapping[str, Any] | None = None) -> NoiseSchedule:
@@ -59,7 +59,12 @@ def loglinear_interpolation(sigmas: Tensor, n_steps: int) -> Tensor:
 
 def interpolated_export(exported: ExportedSchedule, n_steps: int, schedule: NoiseSchedule, source: str) -> ExportedSchedule:
     """``exported`` resized to ``n_steps`` steps by :func:`loglinear_interpolation` (σ and σ_eval alike), labelled
-    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``."""
+    as not learned: ``mode`` is ``"interpolated"``, no metrics, the origin in ``provenance.config``. Learned solver
+    coefficients belong to their grid's steps and cannot be resized: such an export is refused."""
+    if exported.coefficients is not None:
+        raise ValueError(f"{source} carries learned solver coefficients, one row per step of its {exported.n_steps}-step "
+                         f"grid, which interpolation cannot resize; run it at {exported.n_steps} steps with "
+                         f"{' or '.join(HONOURS_COEFFICIENTS)}")
     return build_export(
         sigmas=loglinear_interpolation(exported.sigmas, n_steps),
         sigmas_eval=None if exported.sigmas_eval is None else loglinear_interpolation(exported.sigmas_eval, n_steps),

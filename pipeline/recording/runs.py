@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from torch import Tensor
 
 from pipeline.errors import TrackingError, first_line
 from pipeline.recording.plots import float_list, plot_schedule
@@ -379,3 +383,12 @@ def log_to_run(client: Client, run_id: str, metrics: Mapping[str, float], tags: 
         client.set_tag(run_id, key, value)
     if image is not None:
         client.log_image(run_id, image, image_file)
+
+
+def logged_grid(client: Client, run_id: str) -> Tensor | None:
+    """The σ grid a study's baseline run logged (its ``schedule.json``), or None where it logged none."""
+    if "schedule.json" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        document = json.loads(Path(client.download_artifacts(run_id, "schedule.json", folder)).read_text())
+    return torch.tensor(document["sigmas"], dtype=torch.float64)

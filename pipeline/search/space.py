@@ -54,9 +54,12 @@ class SearchSpace:
     train_batch_sizes: tuple[int, ...] = (1, 2, 4)
     # Start of ξ: "uniform" (ξ = 1, uniform in the mode's space) or the cell's best baseline grid.
     inits: tuple[str, ...] = ("uniform", "best_baseline")
+    # Learned solver coefficients (docs/method.md#learned-coefficients): (False,) off, (True,) on, (False, True) searched.
+    learn_coefficients: tuple[bool, ...] = (False,)
+    lr_coef: tuple[float, float] = (0.03, 1.0)  # Adam on the coefficient corrections, log scale, only when learned
 
     def __post_init__(self) -> None:
-        for name in ("slack_coef", "lr1", "lr2_coef"):
+        for name in ("slack_coef", "lr1", "lr2_coef", "lr_coef"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"SearchSpace.{name} must be (low, high) with 0 < low <= high, got {(low, high)}")
@@ -66,6 +69,9 @@ class SearchSpace:
             raise ValueError("SearchSpace.rounds_v1/rounds_v2 must be (low, high) with 0 <= low <= high")
         if not self.decoupled or not self.modes or not self.train_batch_sizes or not self.inits:
             raise ValueError("SearchSpace.decoupled, modes, train_batch_sizes and inits need at least one choice each")
+        if not self.learn_coefficients or not set(self.learn_coefficients) <= {False, True}:
+            raise ValueError(f"SearchSpace.learn_coefficients must be (False,), (True,) or (False, True), "
+                             f"got {self.learn_coefficients}")
         if not set(self.inits) <= set(INITS):
             raise ValueError(f"SearchSpace.inits must be chosen from {INITS}, got {self.inits}")
 
@@ -81,6 +87,8 @@ class SearchSpace:
         trial.suggest_categorical("mode", list(self.modes))
         trial.suggest_categorical("train_batch_size", list(self.train_batch_sizes))
         trial.suggest_categorical("init", list(self.inits))
+        if trial.suggest_categorical("learn_coefficients", list(self.learn_coefficients)):
+            trial.suggest_float("lr_coef", *self.lr_coef, log=True)
 
     @property
     def max_epochs(self) -> int:
@@ -110,6 +118,10 @@ def hyperparameters_to_config(params: Mapping[str, Any], base: LD3Config, best_b
     }
     if decoupled:
         overrides.update(lr2=None, lr2_coef=float(params["lr2_coef"]), win_rate=float(params["win_rate"]))
+    if params.get("learn_coefficients", base.learn_coefficients):  # docs/method.md#learned-coefficients
+        overrides.update(learn_coefficients=True, lr_coef=float(params.get("lr_coef", base.lr_coef)))
+    else:
+        overrides["learn_coefficients"] = False
     return replace(base, **overrides)
 
 
@@ -124,20 +136,24 @@ def reference_point(base: LD3Config, space: SearchSpace, n_steps: int) -> dict[s
         "mode": base.mode,
         "train_batch_size": base.train_batch_size,
         "init": "uniform",
+        "learn_coefficients": base.learn_coefficients,
     }
     if base.decoupled:
         point.update(lr2_coef=base.lr2_coefficient(n_steps), win_rate=base.win_rate)
+    if base.learn_coefficients:
+        point["lr_coef"] = base.lr_coef
     return _clip_to_space(point, space)
 
 
 def _clip_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     clipped = dict(point)
-    for name in ("slack_coef", "lr1", "lr2_coef", "win_rate", "rounds_v1", "rounds_v2"):
+    for name in ("slack_coef", "lr1", "lr2_coef", "win_rate", "rounds_v1", "rounds_v2", "lr_coef"):
         if name in clipped:
             low, high = getattr(space, name)
             clipped[name] = min(max(clipped[name], low), high)
     for name, choices in (("decoupled", space.decoupled), ("mode", space.modes),
-                          ("train_batch_size", space.train_batch_sizes), ("init", space.inits)):
+                          ("train_batch_size", space.train_batch_sizes), ("init", space.inits),
+                          ("learn_coefficients", space.learn_coefficients)):
         if clipped[name] not in choices:
             clipped[name] = choices[0]
     if not clipped["decoupled"]:
@@ -145,4 +161,8 @@ def _clip_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
         clipped.pop("win_rate", None)
     elif "lr2_coef" not in clipped:
         clipped.update(lr2_coef=math.sqrt(space.lr2_coef[0] * space.lr2_coef[1]), win_rate=space.win_rate[1])
+    if not clipped["learn_coefficients"]:
+        clipped.pop("lr_coef", None)
+    elif "lr_coef" not in clipped:
+        clipped["lr_coef"] = math.sqrt(space.lr_coef[0] * space.lr_coef[1])
     return clipped

@@ -70,7 +70,8 @@ def baseline_grids(ctx: CellContext) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(sigmas, dtype=torch.float64) for name, sigmas in (ctx.baseline_sigmas or {}).items()}
 
 
-def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
+def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None,
+                  coefficients: torch.Tensor | None = None) -> dict[str, float]:
     """Sample quality of fresh samples: the GMM's exact data-space Fréchet distance (``fd_exact``), or the
     model's own metrics (``LoadedModel.quality``: the digits model's ``fd_classifier`` and ``class_accuracy``)."""
     model, settings = loaded.model, ctx.settings
@@ -82,15 +83,17 @@ def _data_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigma
     conditions = None if exact else model.quality.conditions(len(seeds))
     cond = None if conditions is None else model.encode_condition(conditions, loaded.device)
     x = sample(model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, z, sigmas_eval=sigmas_eval, cond=cond,
-               decode=model.decode, batch_size=settings.eval_batch_size).cpu()
+               decode=model.decode, batch_size=settings.eval_batch_size, coefficients=coefficients).cpu()
     return {"fd_exact": gmm_frechet_distance(x, model.denoiser)} if exact else model.quality(x, conditions)
 
 
-def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None) -> dict[str, float]:
+def _final_metrics(ctx: CellContext, loaded: _Loaded, sigmas: torch.Tensor, sigmas_eval: torch.Tensor | None,
+                   coefficients: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation loss on the original latents and the data metrics of a grid (with its learned coefficients)."""
     val_loss = schedule_loss(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, sigmas, loaded.val.z, loaded.val.y,
                              loaded.loss_fn, sigmas_eval=sigmas_eval, cond=loaded.val.cond, decode=loaded.model.decode,
-                             batch_size=ctx.settings.eval_batch_size)
-    return {"final_val_loss": val_loss, **_data_metrics(ctx, loaded, sigmas, sigmas_eval)}
+                             batch_size=ctx.settings.eval_batch_size, coefficients=coefficients)
+    return {"final_val_loss": val_loss, **_data_metrics(ctx, loaded, sigmas, sigmas_eval, coefficients)}
 
 
 def evaluate_baselines(ctx: CellContext) -> tuple[dict[str, dict[str, Any]], NoiseSchedule]:
@@ -150,11 +153,14 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
         run.set_tags({TAG_FAILURE: failure_reason(err)})
         run.end("FAILED")
         raise
-    metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval)
+    metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval, result.coefficients)
+    coefficients = None if result.coefficients is None else result.coefficients.tolist()
     run.log_final_metrics({**metrics, "train_steps": result.steps, "train_wall_time_s": result.wall_time_s})
     run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx), costs=ctx.baseline_costs)
+    if coefficients is not None:
+        run.log_dict({"coefficients": coefficients}, "coefficients.json")
     run.set_tags({"stop_reason": result.stop_reason})
     run.end("FINISHED")
     tune.report({OBJECTIVE: metrics["final_val_loss"], **metrics, "step": result.steps,
                  "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist(),
-                 "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
+                 "coefficients": coefficients, "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
