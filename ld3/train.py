@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,7 @@ class LD3Config:
     grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
     compile: bool = False  # torch.compile the denoiser
     cuda_graphs: bool = False  # replay solves + backward from CUDA graphs (ld3.cuda_graphs): same kernels, ~3x faster
+    accept_after_step: bool = False  # judge a slack step under the schedule after the ξ step (reference code's rule)
     val_slack_batch_size: int | None = None  # batch of the validation slack pass; None -> train_batch_size (same steps)
     val_solve_batch_size: int | None = None  # batch of the checks' no-grad solves; None -> val_batch_size (same losses)
     seed: int = 0  # order of training batches
@@ -118,6 +120,7 @@ class LD3Config:
             ("mode", self.mode in ("lambda", "time"), "'lambda' or 'time'"),
             ("win_rate", 0 <= self.win_rate <= 0.5, "in [0, 0.5] (evaluation points must not cross)"),
             ("learn_coefficients", isinstance(self.learn_coefficients, bool), "True or False"),
+            ("accept_after_step", isinstance(self.accept_after_step, bool), "True or False"),
             ("lr_coef", self.lr_coef > 0, "> 0"),
             ("coef_clip", self.coef_clip > 0, "> 0"),
             ("cuda_graphs", not (self.cuda_graphs and self.learn_coefficients),
@@ -429,9 +432,10 @@ class _Run:
             store[idx] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, store[idx])
         return accept
 
-    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor, sigmas: Tensor,
-                          sigmas_eval: Tensor, weights: Tensor | None = None, *, what: str) -> tuple[Tensor, Tensor]:
-        """Steps 1 and 3-4 for one batch: loss (backpropagated) and the accepted mask, both on the device.
+    def _solve_with_slack(self, data: TeacherData, store: Tensor, idx: Tensor, sigmas: Tensor, sigmas_eval: Tensor,
+                          weights: Tensor | None = None, *, what: str) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """Steps 1 and 3 for one batch: the loss (backpropagated, on the device) and ``judge(σ, σ_eval)``, which
+        runs step 4 under the schedule it is given and returns the accepted mask.
 
         The loss is the batch mean, or ``sum(weights * losses)`` when per-sample weights are given. Eager
         solves check it for NaN/Inf at once (they synchronise on their own value checks anyway, and would
@@ -446,9 +450,7 @@ class _Run:
         loss = losses.mean() if weights is None else (weights * losses).sum()
         if loss.requires_grad:
             loss.backward()
-        accept = self._slack_step(store, data.z, idx, z_leaf, losses.detach(), y, cond,
-                                  sigmas.detach(), sigmas_eval.detach())
-        return loss.detach(), accept
+        return loss.detach(), partial(self._slack_step, store, data.z, idx, z_leaf, losses.detach(), y, cond)
 
     # ---- one training step (docs/method.md#training, steps 1-4) ----------------------------------
     def _train_step(self, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -458,7 +460,9 @@ class _Run:
         if self.coef is not None:
             self.coef.requires_grad_(self.phase == 2)
         sigmas, sigmas_eval = self.disc()
-        loss, accept = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval, what="the training loss")
+        loss, judge = self._solve_with_slack(self.train, self.z_train, idx, sigmas, sigmas_eval, what="the training loss")
+        if not self.config.accept_after_step:
+            accept = judge(sigmas.detach(), sigmas_eval.detach())
         groups = [(self.disc.xi, self.opt1, self.config.grad_clip), (self.disc.xi_c, self.opt2, self.config.grad_clip)]
         if self.coef is not None:
             groups.append((self.coef, self.opt_coef, self.config.coef_clip))
@@ -467,6 +471,9 @@ class _Run:
                 torch.nn.utils.clip_grad_norm_(param, clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        if self.config.accept_after_step:  # the reference's rule: new latent, new schedule vs old latent, old schedule
+            with torch.no_grad():
+                accept = judge(*self.disc())
         return loss, accept.float().mean()
 
     def _validation_slack_pass(self) -> bool:
@@ -490,10 +497,10 @@ class _Run:
         moved = torch.zeros((), dtype=torch.bool, device=device)
         losses = []
         for idx in torch.arange(count, device=device).split(batch):
-            loss, accept = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx],
-                                                  what="the validation slack loss")
+            loss, judge = self._solve_with_slack(self.val, self.z_val, idx, sigmas, sigmas_eval, weights[idx],
+                                                 what="the validation slack loss")
             losses.append(loss)
-            moved |= accept.any()
+            moved |= judge(sigmas, sigmas_eval).any()
         self._require_finite(torch.stack(losses), "the validation slack loss")
         return bool(moved)
 
