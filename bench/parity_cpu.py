@@ -16,7 +16,7 @@ Workloads:
 
     python bench/parity_cpu.py --workload unet --seeds 0 1 2 --out /tmp/parity_unet.json
     python bench/parity_cpu.py --workload gmm --seeds 0 1 2
-    python bench/parity_cpu.py --workload unet --full --device cuda --variants defaults whole_set_checks
+    python bench/parity_cpu.py --workload unet --full --device cuda --variants defaults accept_after_step --seeds 0
 """
 
 from __future__ import annotations

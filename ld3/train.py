@@ -18,7 +18,7 @@ learning rates decay (×``lr_decay``, with floors). Training stops when lr2 has 
 ``lr2_floor_hits`` times, after the last round, or when a callback raises ``StopTraining``.
 
 Deviations from the reference code, each deliberate: the accept-if-better test compares both
-latents under the same (pre-step) schedule; best-state reloads restore (ξ, ξᶜ) but not latents
+latents under the same (pre-step) schedule (``accept_after_step`` gives the reference's rule); best-state reloads restore (ξ, ξᶜ) but not latents
 (latents only ever improve); the reference's per-file checkpoints, plots and pickles are callbacks.
 """
 
