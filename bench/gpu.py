@@ -477,8 +477,8 @@ def workload_setup(device: torch.device, tiny: bool) -> tuple[EDMPreconditionedU
     return (denoiser, *workload_data(denoiser, device, n, n), (1, 1) if tiny else (2, 5))
 
 
-def bench_workload(setup: tuple, device: torch.device) -> dict:
-    """Baselines and one trial of the recipe (fast setting) on the workload, timed."""
+def bench_workload(setup: tuple, device: torch.device, **overrides) -> dict:
+    """Baselines and one trial of the recipe (fast setting, plus ``overrides`` of LD3Config) on the workload, timed."""
     denoiser, train, val, rounds = setup
     baselines = {name: mean_rmse(denoiser, val, grid(WORKLOAD_NFE, WORKLOAD_SCHEDULE).to(device), None)
                  for name, grid in (("logsnr_uniform", logsnr_uniform), ("edm_rho", edm_rho))}
@@ -486,10 +486,11 @@ def bench_workload(setup: tuple, device: torch.device) -> dict:
     synchronize(device)
     start = time.perf_counter()
     result = train_ld3(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val,
-                       workload_config(device, len(val), rounds), nfe=WORKLOAD_NFE)
+                       workload_config(device, len(val), rounds, **overrides), nfe=WORKLOAD_NFE)
     synchronize(device)
     wall = time.perf_counter() - start
-    return {"samples": {"train": len(train), "val": len(val)}, "rounds": rounds, "wall_s": wall, "steps": result.steps,
+    return {"samples": {"train": len(train), "val": len(val)}, "rounds": rounds, "overrides": overrides,
+            "wall_s": wall, "steps": result.steps,
             "s_per_iteration": wall / max(result.steps, 1), "peak_gib": peak_gib(device),
             "rmse_learned": mean_rmse(denoiser, val, result.sigmas.to(device), result.sigmas_eval.to(device)),
             "rmse_baselines": baselines, "issue_numbers": ISSUE_RMSE, "stop_reason": result.stop_reason,
@@ -585,7 +586,8 @@ def report(results: dict) -> str:
         names = {**{k: k for k in w["rmse_baselines"]}, "rmse_learned": "learned (this run)"}
         measured = [{"schedule": names["rmse_learned"], "rmse": w["rmse_learned"]}]
         measured += [{"schedule": k, "rmse": v} for k, v in w["rmse_baselines"].items()]
-        parts += ["", (f"workload (issue 20): {w['samples']} samples, rounds {w['rounds']}, UniPC-3 bh1 NFE 10; "
+        parts += ["", (f"workload (issue 20): {w['samples']} samples, rounds {w['rounds']}, UniPC-3 bh1 NFE 10, "
+                       f"LD3Config overrides {w.get('overrides', {})}; "
                        f"{w['wall_s']:.1f} s wall, {w['steps']} steps, peak {w['peak_gib']} GiB; mean per-sample RMSE"),
                   table(measured, [("schedule", "schedule", ""), ("RMSE", "rmse", ".6f")]),
                   f"issue 20's numbers for comparison: {w['issue_numbers']}"]
@@ -621,6 +623,8 @@ def main() -> None:
                         help="rounds 'v1,v2' of the bundles' trials (default: the recipe's 2,5; --tiny 1,1)")
     parser.add_argument("--slack-rows", type=int, default=50,
                         help="rows of the bundles' validation slack pass, about (memory; default 50)")
+    parser.add_argument("--accept-after-step", action="store_true",
+                        help="workload section: LD3Config.accept_after_step (the reference code's accept rule)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -657,7 +661,8 @@ def main() -> None:
         "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time,
                                        [int(seed) for seed in args.default_seeds.split(",")]),
         "sd": lambda: bench_sd(device, args.quick, min_time),
-        "workload": lambda: bench_workload(workload(), device),
+        "workload": lambda: bench_workload(workload(), device,
+                                           **({"accept_after_step": True} if args.accept_after_step else {})),
         "bundles": lambda: bench_bundles(bundle_setup(), device, bundle_sizes, args.slack_rows),
     }
     for name in sections:

@@ -22,8 +22,8 @@ trial keeps its own state, the denoiser sees all trials' samples at once, each s
 grid (docs/method.md#batched-trials). ``train_ld3`` is the bundle of one trial.
 
 Deviations from the reference code, each deliberate: the accept-if-better test compares both
-latents under the same (pre-step) schedule; best-state reloads restore (ξ, ξᶜ) but not latents
-(latents only ever improve); the reference's per-file checkpoints, plots and pickles are callbacks.
+latents under the same (pre-step) schedule (``accept_after_step`` gives the reference's rule);
+best-state reloads restore (ξ, ξᶜ) but not latents (latents only ever improve); the reference's per-file checkpoints, plots and pickles are callbacks.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class LD3Config:
     grad_checkpointing: bool = False  # recompute each denoiser call in backward (memory ~ 1 call)
     compile: bool = False  # torch.compile the denoiser
     cuda_graphs: bool = False  # replay solves + backward from CUDA graphs (ld3.cuda_graphs): same kernels, ~3x faster
+    accept_after_step: bool = False  # judge a slack step under the schedule after the ξ step (reference code's rule)
     val_slack_batch_size: int | None = None  # batch of the validation slack pass; None -> train_batch_size (same steps)
     val_solve_batch_size: int | None = None  # batch of the checks' no-grad solves; None -> val_batch_size (same losses)
     seed: int = 0  # order of training batches
@@ -123,6 +124,7 @@ class LD3Config:
             ("mode", self.mode in ("lambda", "time"), "'lambda' or 'time'"),
             ("win_rate", 0 <= self.win_rate <= 0.5, "in [0, 0.5] (evaluation points must not cross)"),
             ("learn_coefficients", isinstance(self.learn_coefficients, bool), "True or False"),
+            ("accept_after_step", isinstance(self.accept_after_step, bool), "True or False"),
             ("lr_coef", self.lr_coef > 0, "> 0"),
             ("coef_clip", self.coef_clip > 0, "> 0"),
             ("cuda_graphs", not (self.cuda_graphs and self.learn_coefficients),
@@ -714,7 +716,17 @@ class LD3Bundle:
     def _solve_with_slack(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
                           grids: dict[_Trial, tuple[Tensor, Tensor]], weights: Tensor | None = None, *,
                           what: str) -> dict[_Trial, tuple[Tensor, Tensor]]:
-        """Steps 1 and 3-4 for one batch of each trial: its loss (backpropagated) and accepted mask, on the device.
+        """Steps 1 and 3-4 for one batch of each trial with its schedule fixed: its loss (backpropagated) and
+        accepted mask, on the device."""
+        totals, solved = self._solve(data, stores, idx, grids, weights, what=what)
+        accepted = self._slack_steps(data, stores, idx, solved, grids)
+        return {t: (totals[t], accepted[t]) for t in solved}
+
+    def _solve(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
+               grids: dict[_Trial, tuple[Tensor, Tensor]], weights: Tensor | None = None, *,
+               what: str) -> tuple[dict[_Trial, Tensor], dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]]]:
+        """Steps 1 and 3 for one batch of each trial: its loss (backpropagated; returned detached, on the device)
+        and what step 4 needs (latent leaf with its gradient, per-sample losses, targets, conditions).
 
         A trial's loss is its batch mean, or ``sum(weights * losses)`` with per-sample weights. Eager solves
         check each trial's loss for NaN/Inf at once (one sync for all) and end the trials that diverged before
@@ -736,16 +748,15 @@ class LD3Bundle:
         total = sum(totals.values())
         if kept and total.requires_grad:
             total.backward()
-        accepted = self._slack_steps(data, stores, idx, {trials[i]: (leaves[i], losses[i].detach(), ys[i], conds[i])
-                                                          for i in kept}, grids)
-        return {trials[i]: (totals[i].detach(), accepted[trials[i]]) for i in kept}
+        return ({trials[i]: totals[i].detach() for i in kept},
+                {trials[i]: (leaves[i], losses[i].detach(), ys[i], conds[i]) for i in kept})
 
     def _slack_steps(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
                      solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]],
                      grids: dict[_Trial, tuple[Tensor, Tensor]]) -> dict[_Trial, Tensor]:
         """SGD step of each z', projection onto its ball, accept per sample where the loss went down -> masks.
 
-        The candidates of all trials are scored in one solve under each trial's pre-step schedule."""
+        The candidates of all trials are scored in one solve, each under the schedule ``grids`` gives for it."""
         accepted = {t: torch.zeros(len(idx[t]), dtype=torch.bool, device=stores[t].device) for t in solved}
         moving = [t for t, (leaf, *_) in solved.items() if t.hp.slack_radius > 0 and leaf.grad is not None]
         if not moving:
@@ -819,12 +830,21 @@ class LD3Bundle:
         for t in idx:
             t.set_trainable(t.phase)
         grids = {t: t.disc() for t in idx}
-        solved = self._solve_with_slack(self.train, {t: t.z_train for t in idx}, idx, grids, what="the training loss")
-        if not solved:
+        stores = {t: t.z_train for t in idx}
+        totals, pending = self._solve(self.train, stores, idx, grids, what="the training loss")
+        if not totals:
             return
-        for t in solved:
+        # step 4 before the ξ step, under the schedule the loss was taken with; with accept_after_step after
+        # it, the candidate under the new schedule against the old latent under the old one (the reference's rule)
+        later = {t: pending.pop(t) for t in list(pending) if t.config.accept_after_step}
+        accepted = self._slack_steps(self.train, stores, idx, pending, grids)
+        for t in totals:
             t.step_parameters()
             t.step += 1
+        with torch.no_grad():
+            after = {t: t.disc() for t in later}
+        accepted |= self._slack_steps(self.train, stores, idx, later, after)
+        solved = {t: (totals[t], accepted[t]) for t in totals}
         val_losses = self._val_losses(list(solved))
         host = self._to_host({t: [loss, val_losses[t], accept.float().mean(), t.max_slack_distance(self.train, self.val)]
                               for t, (loss, accept) in solved.items()})

@@ -30,7 +30,8 @@ BASE = LD3Config(rounds_v1=1, rounds_v2=2, train_batch_size=2, val_batch_size=4,
 # Trials that differ in every per-trial knob: learning rates, slack, patience/decay, parametrisation, prior, seed.
 TRIALS = [
     BASE,
-    dataclasses.replace(BASE, lr1=0.02, lr2=0.05, slack_coef=0.2, patience=1, lr_decay=0.5, seed=1),
+    dataclasses.replace(BASE, lr1=0.02, lr2=0.05, slack_coef=0.2, patience=1, lr_decay=0.5, seed=1,
+                        accept_after_step=True),
     dataclasses.replace(BASE, lr1=0.01, mode="time", decoupled=False, slack_radius=0.0, init_prior="edm_rho", seed=2,
                         shift_lr=0.5),
 ]

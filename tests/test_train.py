@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from ld3.discretizations import BASELINES, edm_rho
+from ld3.discretizations import BASELINES, LearnableDiscretization, edm_rho
 from ld3.losses import LPIPSLoss, l2_loss
 from ld3.metrics import gmm_frechet_distance
 from ld3.models.gmm import default_gmm
+from ld3.sampling import solve_from_latents
 from ld3.schedules import EDMSchedule
 from ld3.solvers import get_solver, unipc_bh1
 from ld3.train import (
@@ -189,6 +190,29 @@ def test_zero_radius_never_changes_latents(gmm, small):
     assert result.max_slack_distance == 0.0
     assert all(m.max_slack_distance == 0.0 and m.accepted_fraction == 0.0 for m in steps)
     assert all(m.shift_lr == steps[0].shift_lr for m in steps)  # no halving without slack
+
+
+@pytest.mark.parametrize("after_step", [False, True])
+def test_first_slack_step_is_judged_under_the_chosen_schedule(gmm, small, after_step):
+    """Step 4: a candidate latent is kept where its loss beats the old latent's loss under the pre-step
+    schedule; with ``accept_after_step`` (the reference code's rule) the candidate's loss is taken under
+    the schedule after the ξ step instead. One batch of all 8 latents, recomputed here by hand."""
+    config = LD3Config(rounds_v1=1, rounds_v2=0, train_batch_size=8, decoupled=False, lr1=0.5, slack_radius=0.2,
+                       accept_after_step=after_step)
+    steps: list[StepMetrics] = []
+    run(gmm, small, config, callbacks=[record(steps)])
+    train, n_steps = small[0], steps[0].sigmas.numel() - 1
+    before = LearnableDiscretization(n_steps, SCHEDULE, mode="lambda", decoupled=False, dtype=torch.float64)()[0]
+    z = train.z.clone().requires_grad_(True)
+    losses = l2_loss(solve_from_latents(gmm, "unipc_bh1", 3, before.detach(), z), train.y)
+    losses.mean().backward()
+    hp = config.derive(n_steps, train.z.shape[1:])
+    candidate = project_to_ball(z.detach() - hp.shift_lr * z.grad, train.z, hp.slack_radius)
+    with torch.no_grad():
+        judged = {flag: l2_loss(solve_from_latents(gmm, "unipc_bh1", 3, grid, candidate), train.y) < losses.detach()
+                  for flag, grid in ((False, before), (True, steps[0].sigmas))}
+    assert judged[True].float().mean() != judged[False].float().mean()  # the two rules differ on this batch
+    assert steps[0].accepted_fraction == judged[after_step].float().mean().item()
 
 
 @pytest.mark.parametrize("mode", ["lambda", "time"])
