@@ -10,8 +10,8 @@ sha256-checked safetensors) is a real trained network, so its teacher is a real 
 network's errors. Beside the validation loss the study reports, for 1,000 fresh samples of every
 schedule, the classifier Fréchet distance (``fd_classifier``: an FID analogue in a digit classifier's
 feature space, not FID) and the classifier's accuracy on the asked classes (``class_accuracy``); the
-evaluation stage then scores every learned and baseline schedule again on 2,000 other samples and logs a
-10×10 sample grid to each MLflow run.
+evaluation stage then scores every learned schedule, EDM ρ=7 and logSNR-uniform again on 2,000 other samples
+and logs a 10×10 sample grid to each MLflow run.
 """
 
 from __future__ import annotations
