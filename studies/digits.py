@@ -10,8 +10,8 @@ sha256-checked safetensors) is a real trained network, so its teacher is a real 
 network's errors. Beside the validation loss the study reports, for 1,000 fresh samples of every
 schedule, the classifier Fréchet distance (``fd_classifier``: an FID analogue in a digit classifier's
 feature space, not FID) and the classifier's accuracy on the asked classes (``class_accuracy``); the
-evaluation stage then scores every learned and baseline schedule again on 2,000 other samples and logs a
-10×10 sample grid to each MLflow run.
+evaluation stage then scores every learned schedule, EDM ρ=7 and logSNR-uniform again on 2,000 other samples
+and logs a 10×10 sample grid to each MLflow run.
 """
 
 from __future__ import annotations
@@ -39,16 +39,21 @@ STUDY = StudyConfig(
     nfes=(4,),
     num_train=50,
     num_validation=50,
-    trainer=LD3Config(loss="l2"),
-    # the default ranges, with at most 6 rounds and batches of 2 or 4 samples: every trial stays under a minute
+    # the validation slack pass and the checks' solves in one batch of 50 (the same steps as the reference's
+    # per-train-batch pass, docs/method.md): a quarter less CPU per trial
+    trainer=LD3Config(loss="l2", val_slack_batch_size=50, val_solve_batch_size=50),
+    # the default ranges, with at most 6 rounds and batches of 2 or 4 samples: every trial stays near a minute
     # on one CPU core (the UNet is the cost)
     search=SearchSpace(rounds_v1=(1, 2), rounds_v2=(2, 4), train_batch_sizes=(2, 4)),
     num_trials=6,
     max_concurrent=2,
     asha_grace_epochs=2.0,  # phase 1 (two rounds) before ASHA may stop a trial
     fd_samples=1000,  # per trial and baseline run: classifier FD and accuracy of 1,000 fresh samples
-    # last stage: 2,000 more samples per schedule (other seeds), classifier FD and accuracy, a 10×10 sample grid
-    evaluation=EvaluationConfig(num_samples=2000, grid_size=10, batch_size=1000, device_batch_size=500),
+    # last stage: 2,000 more samples per schedule (other seeds), classifier FD and accuracy, a 10×10 sample grid;
+    # beside the learned grid the two fixed grids in reach at NFE 4 (time-uniform/-quadratic score FD 60-85);
+    # two workers, one per core (the numbers do not depend on the split)
+    evaluation=EvaluationConfig(num_samples=2000, baselines=("edm_rho", "logsnr_uniform"), grid_size=10,
+                                batch_size=1000, device_batch_size=500, concurrency=2),
     seed=SEED,
 )
 
