@@ -37,7 +37,8 @@ TEACHER = "teacher (NFE 20)"  # not a baseline: left out of the leads
 
 def grids_to_score(exported: ExportedSchedule, schedule_json: str,
                    names: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """The learned grid (σ, σ_eval) of the export and the chosen baselines of the run's ``schedule.json``."""
+    """The learned grid (σ, σ_eval) of the export (sampled with its learned coefficients, if it has them) and the
+    chosen baselines of the run's ``schedule.json``."""
     with open(schedule_json) as f:
         baselines = json.load(f)["baselines"]
     chosen = list(baselines) if names is None else names.split(",")
@@ -76,7 +77,8 @@ def main() -> int:
         for k in range(args.sets):
             seeds = range(SEED_BASE + k * args.samples, SEED_BASE + (k + 1) * args.samples)
             x = sample(denoiser, *solvers[name], sigmas, latents_from_seeds(seeds, denoiser.shape),
-                       sigmas_eval=sigmas_eval, cond=labels, batch_size=500)
+                       sigmas_eval=sigmas_eval, cond=labels, batch_size=500,
+                       coefficients=exported.coefficients if name == "learned" else None)
             fds[name].append(quality.frechet_distance(x))
             accs.append(quality.accuracy(x, labels))
         print(f"{name:<16} FD {statistics.mean(fds[name]):7.3f} ± {statistics.stdev(fds[name]):.3f}   "
