@@ -226,11 +226,12 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     try:
         with as_input_error():  # building the config from the flags only checks input
             config = apply_overrides(make_config(args), args)
+        options = options_from_args(args)
         if args.dry_run:
-            check_study(config, options_from_args(args))
-            print(plan(config, options_from_args(args)))
+            check_study(config, options)
+            print(plan(config, options))
             return 0
-        result = run_study(config, options_from_args(args))
+        result = run_study(config, options)
     except USER_ERRORS as err:
         if args.verbose:
             raise
