@@ -37,12 +37,18 @@ def _hold(lock: str, ready, release) -> None:
         release.wait(60)
 
 
-def test_a_held_lock_times_out_with_a_clear_error(tmp_path):
-    lock = str(tmp_path / "key.lock")
+def _start_holder(lock: str):
+    """A spawned process that holds ``lock`` until its ``release`` event is set -> (process, ready, release)."""
     context = multiprocessing.get_context("spawn")
     ready, release = context.Event(), context.Event()
     holder = context.Process(target=_hold, args=(lock, ready, release))
     holder.start()
+    return holder, ready, release
+
+
+def test_a_held_lock_times_out_with_a_clear_error(tmp_path):
+    lock = str(tmp_path / "key.lock")
+    holder, ready, release = _start_holder(lock)
     try:
         assert ready.wait(60)
         with pytest.raises(TimeoutError, match="another process holds the lock"):
@@ -58,10 +64,7 @@ def test_a_held_lock_times_out_with_a_clear_error(tmp_path):
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
     lock = str(tmp_path / "key.lock")
-    context = multiprocessing.get_context("spawn")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold, args=(lock, ready, release))
-    holder.start()
+    holder, ready, _ = _start_holder(lock)
     assert ready.wait(60)
     holder.kill()  # SIGKILL: no cleanup runs; the OS drops the flock, the file stays
     holder.join(60)
