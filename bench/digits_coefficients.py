@@ -16,11 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.digits_fd_spread import fd_over_sets
 from ld3.digits.data import N_CLASSES
 from ld3.digits.denoiser import load_digits_denoiser
 from ld3.digits.quality import DigitsQuality
@@ -32,7 +37,6 @@ from ld3.utils import atomic_write_bytes, latents_from_seeds
 
 RECIPE = LD3Config(train_batch_size=8, lr1=0.02, lr2_coef=0.5, loss="l2")
 SOLVERS = {"ipndm": (3, "edm_rho"), "unipc_bh1": (3, None)}  # order, init_prior
-FD_SEED_BASE = 3_000_000
 
 
 def labels(n: int, offset: int = 0) -> torch.Tensor:
@@ -51,18 +55,6 @@ def rmse(denoiser, solver: str, order: int, data: TeacherData, sigmas, sigmas_ev
     return float(losses.mean().sqrt())
 
 
-def fd_sets(denoiser, quality, solver: str, order: int, sigmas, sigmas_eval, coefficients, n: int, sets: int):
-    fds, accs = [], []
-    for k in range(sets):
-        start = FD_SEED_BASE + k * n
-        z, cond = latents_from_seeds(range(start, start + n), denoiser.shape), labels(n)
-        x = sample(denoiser, solver, order, sigmas, z, sigmas_eval=sigmas_eval, cond=cond, batch_size=500,
-                   coefficients=coefficients)
-        fds.append(quality.frechet_distance(x))
-        accs.append(quality.accuracy(x, cond))
-    return fds, accs
-
-
 def run(solver: str, coefficients_on: bool, data: dict, denoiser, quality, args) -> dict:
     order, prior = SOLVERS[solver]
     config = replace(RECIPE, learn_coefficients=coefficients_on, init_prior=prior)
@@ -70,7 +62,7 @@ def run(solver: str, coefficients_on: bool, data: dict, denoiser, quality, args)
     result = train_ld3(denoiser, solver, order, denoiser.schedule, data["train"], data["val"], config, nfe=args.nfe)
     wall = time.perf_counter() - start
     grid = (result.sigmas, result.sigmas_eval, result.coefficients)
-    fds, accs = fd_sets(denoiser, quality, solver, order, *grid, args.samples, args.sets)
+    fds, accs = fd_over_sets(denoiser, quality, solver, order, *grid, args.samples, args.sets)
     return {"solver": solver, "coefficients": coefficients_on, "train_wall_s": wall,
             "val": rmse(denoiser, solver, order, data["val"], *grid),
             "held_out": rmse(denoiser, solver, order, data["test"], *grid),

@@ -49,6 +49,22 @@ def grids_to_score(exported: ExportedSchedule, schedule_json: str,
             **{name: (torch.tensor(baselines[name], dtype=torch.float64), None) for name in chosen}}
 
 
+def fd_over_sets(denoiser, quality: DigitsQuality, solver: str, order: int, sigmas: torch.Tensor,
+                 sigmas_eval: torch.Tensor | None, coefficients: torch.Tensor | None, samples: int,
+                 sets: int) -> tuple[list[float], list[float]]:
+    """Classifier FD and accuracy of ``sets`` disjoint sets of ``samples`` class-balanced samples (latent seeds
+    SEED_BASE + k·samples …, the same for every schedule) -> (FDs, accuracies), one per set."""
+    labels = torch.arange(samples) % N_CLASSES
+    fds, accs = [], []
+    for k in range(sets):
+        seeds = range(SEED_BASE + k * samples, SEED_BASE + (k + 1) * samples)
+        x = sample(denoiser, solver, order, sigmas, latents_from_seeds(seeds, denoiser.shape),
+                   sigmas_eval=sigmas_eval, cond=labels, batch_size=500, coefficients=coefficients)
+        fds.append(quality.frechet_distance(x))
+        accs.append(quality.accuracy(x, labels))
+    return fds, accs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--export", required=True)
@@ -68,19 +84,12 @@ def main() -> int:
     if args.teacher:
         grids[TEACHER] = (named_grid("edm_rho", 20, denoiser.schedule), None)
         solvers[TEACHER] = ("unipc_bh1", 3)
-    labels = torch.arange(args.samples) % N_CLASSES
     print(f"{exported.solver}-o{exported.order} NFE {exported.nfe}, {args.samples} samples x {args.sets} seed sets")
     fds: dict[str, list[float]] = {}
     for name, (sigmas, sigmas_eval) in grids.items():
-        accs, started = [], time.process_time()
-        fds[name] = []
-        for k in range(args.sets):
-            seeds = range(SEED_BASE + k * args.samples, SEED_BASE + (k + 1) * args.samples)
-            x = sample(denoiser, *solvers[name], sigmas, latents_from_seeds(seeds, denoiser.shape),
-                       sigmas_eval=sigmas_eval, cond=labels, batch_size=500,
-                       coefficients=exported.coefficients if name == "learned" else None)
-            fds[name].append(quality.frechet_distance(x))
-            accs.append(quality.accuracy(x, labels))
+        started = time.process_time()
+        fds[name], accs = fd_over_sets(denoiser, quality, *solvers[name], sigmas, sigmas_eval,
+                                       exported.coefficients if name == "learned" else None, args.samples, args.sets)
         print(f"{name:<16} FD {statistics.mean(fds[name]):7.3f} ± {statistics.stdev(fds[name]):.3f}   "
               f"accuracy {statistics.mean(accs):.4f}   ({', '.join(f'{v:.3f}' for v in fds[name])})   "
               f"{time.process_time() - started:.0f} CPU s", flush=True)
