@@ -6,7 +6,8 @@ student runs ``ŷ = decode(solver(D, σ_max·z', σ, σ_eval))`` from a slack la
 
 1. every training batch: solve with ``z'`` as a leaf, backpropagate the mean loss, clip, step ξ
    (RMSprop; phase 2 also ξᶜ, SGD), step ``z'`` by SGD and project it onto its ball, keep the new
-   ``z'`` only where the per-sample loss went down (accept-if-better), then run a validation check;
+   ``z'`` only where the per-sample loss went down (accept-if-better), then run a validation check
+   (the accept re-solve and the check are one solve, docs/method.md#training);
 2. one pass over the validation set updates only the validation latents the same way (no ξ step).
 
 Phase 1 (``rounds_v1`` rounds) trains ξ alone, phase 2 (``rounds_v2``) ξ and ξᶜ, and with
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -456,6 +458,10 @@ class _Trial:
         if self.coef is not None:
             self.coef.requires_grad_(False)
 
+    def changes_coefficients(self) -> bool:
+        """Whether ``step_parameters`` is about to move the coefficient corrections (phase 2, ``learn_coefficients``)."""
+        return self.coef is not None and self.coef.grad is not None
+
     def step_parameters(self) -> None:
         """Clip each gradient and step its optimiser (RMSprop on ξ, SGD on ξᶜ, Adam on coefficients)."""
         groups = [(self.disc.xi, self.opt1, self.config.grad_clip), (self.disc.xi_c, self.opt2, self.config.grad_clip)]
@@ -549,8 +555,8 @@ class _Trial:
 
 
 def _per_sample_grids(grids: Sequence[tuple[Tensor, Tensor]], sizes: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """One trial's (σ, σ_eval) as they are; several trials' as one grid per sample [Σ sizes, N+1] (ld3.solvers.base)."""
-    if len(grids) == 1:
+    """One (σ, σ_eval) for every group as it is; different ones as one grid per sample [Σ sizes, N+1] (ld3.solvers.base)."""
+    if all(g is grids[0] for g in grids):
         return grids[0]
     expand = lambda part: torch.cat([g[part].expand(n, -1) for g, n in zip(grids, sizes, strict=True)])  # noqa: E731
     return expand(0), expand(1)
@@ -558,6 +564,21 @@ def _per_sample_grids(grids: Sequence[tuple[Tensor, Tensor]], sizes: Sequence[in
 
 def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
     return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Rows(NamedTuple):
+    """Samples of one trial for a no-grad solve: latents, targets, conditions and the (σ, σ_eval) to solve them on."""
+
+    trial: _Trial
+    z: Tensor
+    y: Tensor
+    cond: Tensor | None
+    grid: tuple[Tensor, Tensor]
+
+
+def _nothing_accepted(rows: Tensor) -> Tensor:
+    """The accepted mask of a batch whose latents did not move (no slack, or no gradient)."""
+    return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
 
 
 class LD3Bundle:
@@ -719,8 +740,8 @@ class LD3Bundle:
         """Steps 1 and 3-4 for one batch of each trial with its schedule fixed: its loss (backpropagated) and
         accepted mask, on the device."""
         totals, solved = self._solve(data, stores, idx, grids, weights, what=what)
-        accepted = self._slack_steps(data, stores, idx, solved, grids)
-        return {t: (totals[t], accepted[t]) for t in solved}
+        accepted = self._judge(stores, idx, solved, self._candidates(data, idx, solved), grids)
+        return {t: (totals[t], accepted.get(t, _nothing_accepted(idx[t]))) for t in solved}
 
     def _solve(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
                grids: dict[_Trial, tuple[Tensor, Tensor]], weights: Tensor | None = None, *,
@@ -751,47 +772,81 @@ class LD3Bundle:
         return ({trials[i]: totals[i].detach() for i in kept},
                 {trials[i]: (leaves[i], losses[i].detach(), ys[i], conds[i]) for i in kept})
 
-    def _slack_steps(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
-                     solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]],
-                     grids: dict[_Trial, tuple[Tensor, Tensor]]) -> dict[_Trial, Tensor]:
-        """SGD step of each z', projection onto its ball, accept per sample where the loss went down -> masks.
-
-        The candidates of all trials are scored in one solve, each under the schedule ``grids`` gives for it."""
-        accepted = {t: torch.zeros(len(idx[t]), dtype=torch.bool, device=stores[t].device) for t in solved}
+    def _candidates(self, data: TeacherData, idx: dict[_Trial, Tensor],
+                    solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]]) -> dict[_Trial, Tensor]:
+        """Step 3: each trial's SGD step of z' projected back onto its ball (trials with slack and a gradient only)."""
         moving = [t for t, (leaf, *_) in solved.items() if t.hp.slack_radius > 0 and leaf.grad is not None]
-        if not moving:
-            return accepted
         with torch.no_grad():
-            candidates = [project_to_ball(solved[t][0] - t.shift_lr * solved[t][0].grad, data.z[idx[t]],
-                                          t.hp.slack_radius) for t in moving]
-            new_losses = self._losses(moving, candidates, [solved[t][2] for t in moving], [solved[t][3] for t in moving],
-                                      [tuple(g.detach() for g in grids[t]) for t in moving])
-            for t, candidate, new in zip(moving, candidates, new_losses, strict=True):
-                accept = new < solved[t][1]
-                stores[t][idx[t]] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, stores[t][idx[t]])
-                accepted[t] = accept
+            return {t: project_to_ball(solved[t][0] - t.shift_lr * solved[t][0].grad, data.z[idx[t]], t.hp.slack_radius)
+                    for t in moving}
+
+    @staticmethod
+    def _candidate_rows(candidates: dict[_Trial, Tensor], solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]],
+                        grids: dict[_Trial, tuple[Tensor, Tensor]]) -> list[_Rows]:
+        """Each trial's candidate latents with their targets, to be scored under its (no-grad) grid."""
+        return [_Rows(t, candidate, solved[t][2], solved[t][3], grids[t])
+                for t, candidate in candidates.items()]
+
+    @staticmethod
+    def _accept(stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
+                solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]], candidates: dict[_Trial, Tensor],
+                new_losses: Sequence[Tensor]) -> dict[_Trial, Tensor]:
+        """Step 4: keep each candidate where its loss is below the old latent's (a NaN loss never is) -> masks."""
+        accepted = {}
+        for (t, candidate), new in zip(candidates.items(), new_losses, strict=True):
+            accept = new < solved[t][1]
+            stores[t][idx[t]] = torch.where(accept.reshape(-1, 1, 1, 1), candidate, stores[t][idx[t]])
+            accepted[t] = accept
         return accepted
+
+    def _judge(self, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
+               solved: dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]], candidates: dict[_Trial, Tensor],
+               grids: dict[_Trial, tuple[Tensor, Tensor]]) -> dict[_Trial, Tensor]:
+        """Step 4 in a solve of its own: all trials' candidates scored together, each under its ``grids`` entry."""
+        if not candidates:
+            return {}
+        rows = self._candidate_rows(candidates, solved, grids)
+        return self._accept(stores, idx, solved, candidates, self._row_losses(rows, sum(len(r.z) for r in rows)))
+
+    def _row_losses(self, groups: Sequence[_Rows], batch: int) -> list[Tensor]:
+        """Per-sample losses of every group in ONE no-grad solve, ``batch`` rows at a time, each group on its grid.
+
+        The samples never interact, so each loss is the one a solve of its group alone gives (up to kernel rounding).
+        Coefficient corrections are one per solve: only a bundle of one trial has them (``check_bundle``)."""
+        sizes = [len(g.z) for g in groups]
+        sigmas, sigmas_eval = _per_sample_grids([g.grid for g in groups], sizes)
+        losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, _cat([g.z for g in groups]),
+                               _cat([g.y for g in groups]), self.loss_fn, sigmas_eval=sigmas_eval,
+                               cond=_cat([g.cond for g in groups]), decode=self.decode,
+                               coefficients=groups[0].trial.coef, batch_size=batch)
+        return list(losses.split(sizes))
+
+    def _check_batch(self, trials: int) -> int:
+        """Rows per no-grad check solve: ``val_solve_batch_size`` (else ``val_batch_size``) per trial."""
+        return (self.shared.val_solve_batch_size or self.shared.val_batch_size) * trials
+
+    @staticmethod
+    def _check_rows(trials: Sequence[_Trial], data: TeacherData, latents: dict[_Trial, Tensor], counts: dict[_Trial, int],
+                    grids: dict[_Trial, tuple[Tensor, Tensor]]) -> list[_Rows]:
+        """Each trial's first ``counts`` latents with their targets, to be scored under its (no-grad) grid."""
+        return [_Rows(t, latents[t][:counts[t]], data.y[:counts[t]],
+                      None if data.cond is None else data.cond[:counts[t]], grids[t]) for t in trials]
 
     @torch.no_grad()
     def _mean_losses(self, trials: Sequence[_Trial], data: TeacherData, latents: dict[_Trial, Tensor],
                      counts: dict[_Trial, int]) -> dict[_Trial, Tensor]:
-        """Mean per-sample loss of each trial's current schedule on its first ``counts`` latents (float64, device).
+        """Mean per-sample loss of each trial's current schedule on its first ``counts`` latents (float64, device)."""
+        rows = self._check_rows(trials, data, latents, counts, {t: t.disc() for t in trials})
+        losses = self._row_losses(rows, self._check_batch(len(trials)))
+        return {t: part.to(torch.float64).mean() for t, part in zip(trials, losses, strict=True)}
 
-        All trials' rows are solved together, ``val_solve_batch_size`` (else ``val_batch_size``) per trial at a time."""
-        sizes = [counts[t] for t in trials]
-        sigmas, sigmas_eval = _per_sample_grids([t.disc() for t in trials], sizes)
-        batch = (self.shared.val_solve_batch_size or self.shared.val_batch_size) * len(trials)
-        losses = sample_losses(self.denoiser, self.solver, self.order, sigmas, _cat([latents[t][:counts[t]] for t in trials]),
-                               _cat([data.y[:n] for n in sizes]), self.loss_fn, sigmas_eval=sigmas_eval,
-                               cond=_cat([None if data.cond is None else data.cond[:n] for n in sizes]),
-                               decode=self.decode, coefficients=trials[0].coef if len(trials) == 1 else None,
-                               batch_size=batch)
-        return {t: part.to(torch.float64).mean() for t, part in zip(trials, losses.split(sizes), strict=True)}
+    def _check_counts(self, trials: Iterable[_Trial]) -> dict[_Trial, int]:
+        """Samples of each trial's validation check (first validation batch, or all once ``val_on_all``)."""
+        return {t: t.check_count(len(self.val)) for t in trials}
 
     def _val_losses(self, trials: Sequence[_Trial]) -> dict[_Trial, Tensor]:
-        """Each trial's validation-check loss (first validation batch, or all once ``val_on_all``), on the device."""
-        return self._mean_losses(trials, self.val, {t: t.z_val for t in trials},
-                                 {t: t.check_count(len(self.val)) for t in trials})
+        """Each trial's validation-check loss, on the device."""
+        return self._mean_losses(trials, self.val, {t: t.z_val for t in trials}, self._check_counts(trials))
 
     @torch.no_grad()
     def _to_host(self, scalars: dict[_Trial, list[Tensor]]) -> dict[_Trial, tuple[list[float], Tensor, Tensor]]:
@@ -826,34 +881,54 @@ class LD3Bundle:
                 t.check(loss, sigmas, sigmas_eval, self._rescore(t))
 
     def _step(self, idx: dict[_Trial, Tensor]) -> None:
-        """Steps 1-4 on one batch of every active trial, its validation check, and the step's reports."""
-        for t in idx:
-            t.set_trainable(t.phase)
-        grids = {t: t.disc() for t in idx}
-        stores = {t: t.z_train for t in idx}
-        totals, pending = self._solve(self.train, stores, idx, grids, what="the training loss")
+        """Steps 1-5 on one batch of every active trial, and the step's reports.
+
+        Steps 4 and 5 share ONE no-grad solve after the ξ step: every trial's candidates, each under the grid it
+        is judged with (the pre-step one; with ``accept_after_step`` the post-step one, the reference's rule), and
+        every trial's check rows under its post-step grid. A trial whose ξ step also moves its coefficient
+        corrections (one set per solve) judges its candidates before the step, in a solve of their own."""
+        grids, stores, totals, solved = self._training_solve(idx)
         if not totals:
             return
-        # step 4 before the ξ step, under the schedule the loss was taken with; with accept_after_step after
-        # it, the candidate under the new schedule against the old latent under the old one (the reference's rule)
-        later = {t: pending.pop(t) for t in list(pending) if t.config.accept_after_step}
-        accepted = self._slack_steps(self.train, stores, idx, pending, grids)
+        candidates = self._candidates(self.train, idx, solved)
+        before = {t: tuple(g.detach() for g in grids[t]) for t in candidates if not t.config.accept_after_step}
+        alone = {t: candidates.pop(t) for t in list(before) if t.changes_coefficients()}
+        accepted = self._judge(stores, idx, solved, alone, before)
         for t in totals:
             t.step_parameters()
             t.step += 1
         with torch.no_grad():
-            after = {t: t.disc() for t in later}
-        accepted |= self._slack_steps(self.train, stores, idx, later, after)
-        solved = {t: (totals[t], accepted[t]) for t in totals}
-        val_losses = self._val_losses(list(solved))
-        host = self._to_host({t: [loss, val_losses[t], accept.float().mean(), t.max_slack_distance(self.train, self.val)]
-                              for t, (loss, accept) in solved.items()})
-        for t in solved:
+            after = {t: t.disc() for t in totals}
+        judged = self._candidate_rows(candidates, solved, {t: before.get(t, after[t]) for t in candidates})
+        checks = self._check_rows(list(totals), self.val, {t: t.z_val for t in totals}, self._check_counts(totals), after)
+        losses = self._row_losses(judged + checks, self._check_batch(len(totals)) + sum(len(r.z) for r in judged))
+        accepted |= self._accept(stores, idx, solved, candidates, losses[:len(judged)])
+        val_losses = {t: part.to(torch.float64).mean() for t, part in zip(totals, losses[len(judged):], strict=True)}
+        self._report_step(idx, totals, accepted, val_losses)
+
+    def _training_solve(self, idx: dict[_Trial, Tensor]) -> tuple[
+            dict[_Trial, tuple[Tensor, Tensor]], dict[_Trial, Tensor], dict[_Trial, Tensor],
+            dict[_Trial, tuple[Tensor, Tensor, Tensor, Tensor | None]]]:
+        """Steps 1-2 up to the backward pass on one batch of every active trial: the (σ, σ_eval) it was solved on
+        (with gradients), its training latents, its loss and what steps 3-4 need (``_solve``)."""
+        for t in idx:
+            t.set_trainable(t.phase)
+        grids = {t: t.disc() for t in idx}
+        stores = {t: t.z_train for t in idx}
+        return grids, stores, *self._solve(self.train, stores, idx, grids, what="the training loss")
+
+    def _report_step(self, idx: dict[_Trial, Tensor], totals: dict[_Trial, Tensor], accepted: dict[_Trial, Tensor],
+                     val_losses: dict[_Trial, Tensor]) -> None:
+        """One host sync for every trial's step metrics and schedule, then per trial: its validation check (best
+        state, patience), its ``StepMetrics`` and the ``lr2_floor`` stop."""
+        host = self._to_host({t: [loss, val_losses[t], accepted.get(t, _nothing_accepted(idx[t])).float().mean(),
+                                  t.max_slack_distance(self.train, self.val)] for t, loss in totals.items()})
+        for t in totals:
             with self._guard(t):
-                (train_loss, val_loss, accepted, slack_distance), sigmas, sigmas_eval = host[t]
+                (train_loss, val_loss, accepted_fraction, slack_distance), sigmas, sigmas_eval = host[t]
                 t.require_finite(train_loss, "the training loss")
                 t.check(val_loss, sigmas, sigmas_eval, self._rescore(t))
-                t.emit_step(train_loss, val_loss, accepted, slack_distance, sigmas, sigmas_eval)
+                t.emit_step(train_loss, val_loss, accepted_fraction, slack_distance, sigmas, sigmas_eval)
                 if t.lr2_floor_hits >= t.config.lr2_floor_hits:
                     self._finish([t], "lr2_floor")
 

@@ -253,3 +253,123 @@ def test_a_graphed_bundle_on_cuda_trains_each_trial_like_a_graphed_run_alone(gmm
         assert outcome.steps == single.steps
         torch.testing.assert_close(outcome.sigmas, single.sigmas, rtol=1e-7, atol=0)
         assert outcome.final_val_loss == pytest.approx(single.final_val_loss, rel=1e-7)
+
+
+# ---- steps 4 and 5 in one solve ---------------------------------------------------------------------------------
+class SplitStep(LD3Bundle):
+    """The step as it was before steps 4 and 5 shared a solve, for reference: the accept-if-better re-solve of the
+    candidates before the ξ step (after it, in a second solve, for accept_after_step trials), then the check solve."""
+
+    def _step(self, idx):
+        grids, stores, totals, solved = self._training_solve(idx)
+        if not totals:
+            return
+        later = {t: solved.pop(t) for t in list(solved) if t.config.accept_after_step}
+        before = {t: tuple(g.detach() for g in grids[t]) for t in solved}
+        accepted = self._judge(stores, idx, solved, self._candidates(self.train, idx, solved), before)
+        for t in totals:
+            t.step_parameters()
+            t.step += 1
+        with torch.no_grad():
+            after = {t: t.disc() for t in later}
+        accepted |= self._judge(stores, idx, later, self._candidates(self.train, idx, later), after)
+        self._report_step(idx, totals, accepted, self._val_losses(list(totals)))
+
+
+class CountingSolver:
+    """UniPC-3 bh1, recording each solve's rows and whether it records gradients."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, denoiser, x, sigmas, sigmas_eval=None, *, order, cond=None):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return unipc_bh1(denoiser, x, sigmas, sigmas_eval, order=order, cond=cond)
+
+
+def assert_same_history(merged: LD3Result, split: LD3Result) -> None:
+    """Every step's losses, accepted fraction, schedule and check width, and the result, to float64 rounding."""
+    assert merged.steps == split.steps and merged.stop_reason == split.stop_reason
+    for key in ("train_loss", "val_loss", "best_val_loss", "lr1", "lr2", "shift_lr", "accepted_fraction",
+                "max_slack_distance", "val_on_all"):
+        assert [getattr(m, key) for m in merged.history] == pytest.approx(
+            [getattr(m, key) for m in split.history], rel=1e-12, abs=1e-15), key
+    for a, b in zip(merged.history, split.history, strict=True):
+        torch.testing.assert_close(a.sigmas, b.sigmas, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.sigmas_eval, b.sigmas_eval, rtol=1e-12, atol=0)
+    assert merged.final_val_loss == pytest.approx(split.final_val_loss, rel=1e-12)
+    if split.coefficients is not None:
+        torch.testing.assert_close(merged.coefficients, split.coefficients, rtol=1e-12, atol=1e-15)
+
+
+COEFFICIENTS = dataclasses.replace(BASE, learn_coefficients=True, patience=2, slack_coef=0.2)
+
+
+@pytest.mark.parametrize("configs, solver", [
+    ([TRIALS[0]], "unipc_bh1"),
+    ([TRIALS[1]], "unipc_bh1"),  # accept_after_step, checks widened by patience 1
+    (TRIALS, "unipc_bh1"),  # K = 3: pre-step and post-step judging and a trial without slack in one solve
+    ([COEFFICIENTS], "ipndm"),  # phase 2 moves the coefficients: judged before the step, on their own
+], ids=["k1", "k1-accept-after-step", "k3", "k1-coefficients"])
+def test_the_merged_step_gives_the_split_steps_history(gmm, data, configs, solver):
+    merged = LD3Bundle(gmm, solver, 3, SCHEDULE, *data, configs, nfe=NFE).run()
+    split = SplitStep(gmm, solver, 3, SCHEDULE, *data, configs, nfe=NFE).run()
+    for m, s in zip(merged, split, strict=True):
+        assert_same_history(m, s)
+    assert any(m.accepted_fraction > 0 for r in merged for m in r.history)  # the merged solve's losses decide
+
+
+def solves_per_step(bundle_class, configs, data, gmm):
+    """(rows, with gradients) of every solve of each step after the first of its round, in order."""
+    solver = CountingSolver()
+    at_step = []
+    bundle_class(gmm, solver, 3, SCHEDULE, *data, configs, n_steps=NFE,
+                 callbacks=[[lambda m: at_step.append((m.round, len(solver.calls)))]] + [[]] * (len(configs) - 1)).run()
+    return [solver.calls[a[1]:b[1]] for a, b in zip(at_step, at_step[1:]) if a[0] == b[0]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_step_solves_once_fewer_candidates_and_checks_together(gmm, data, k):
+    """K trials with slack: a step is the training solve (with gradients) and ONE no-grad solve of every trial's
+    2 candidates and 4 check rows (patience never runs out, so the checks stay on the first validation batch)."""
+    configs = [dataclasses.replace(BASE, patience=100, seed=s) for s in range(k)]
+    merged = solves_per_step(LD3Bundle, configs, data, gmm)
+    split = solves_per_step(SplitStep, configs, data, gmm)
+    assert len(merged) == len(split) >= 4
+    assert all(step == [(2 * k, True), (2 * k + 4 * k, False)] for step in merged)
+    assert all(step == [(2 * k, True), (2 * k, False), (4 * k, False)] for step in split)
+
+
+def test_pre_and_post_step_candidates_share_the_one_solve(gmm, data):
+    """TRIALS: one trial judged before the ξ step, one after it, one without slack: two solves fewer per step."""
+    configs = [dataclasses.replace(c, patience=100) for c in TRIALS]
+    merged = solves_per_step(LD3Bundle, configs, data, gmm)
+    split = solves_per_step(SplitStep, configs, data, gmm)
+    assert all(step == [(6, True), (2 + 2 + 12, False)] for step in merged)
+    assert all(step == [(6, True), (2, False), (2, False), (12, False)] for step in split)
+
+
+class NaNForTraining:
+    """The GMM denoiser, NaN for the training samples (cond 1) in no-grad solves: only the candidates' re-solve."""
+
+    def __init__(self, gmm):
+        self.gmm = gmm
+
+    def __call__(self, x, sigma, cond=None):
+        out = self.gmm(x, sigma)
+        if torch.is_grad_enabled():
+            return out
+        return torch.where((cond == 1).reshape(-1, 1, 1, 1), torch.full_like(out, math.nan), out)
+
+
+def test_nan_candidate_losses_are_never_accepted_and_end_nothing(gmm, data):
+    """A NaN candidate loss is not below the old one (NaN < x is False): no training latent moves, the checks that
+    share its solve stay finite and every trial completes, exactly as with separate solves."""
+    train, val = (TeacherData(d.z, d.y, torch.full((len(d),), c)) for d, c in zip(data, (1, 0), strict=True))
+    denoiser = NaNForTraining(gmm)
+    merged = LD3Bundle(denoiser, "unipc_bh1", 3, SCHEDULE, train, val, TRIALS[:2], nfe=NFE).run()
+    split = SplitStep(denoiser, "unipc_bh1", 3, SCHEDULE, train, val, TRIALS[:2], nfe=NFE).run()
+    for m, s in zip(merged, split, strict=True):
+        assert m.stop_reason == "completed" and all(h.accepted_fraction == 0 for h in m.history)
+        assert all(math.isfinite(h.val_loss) for h in m.history)
+        assert_same_history(m, s)
