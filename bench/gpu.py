@@ -22,7 +22,11 @@ google/ddpm-cifar10-32, 35.7M parameters, random weights from a fixed seed) wrap
    lambda, decoupled, L2) with the fast setting; metric: mean over the validation samples of the per-sample
    RMSE to the teacher on the original latents, learned and for the logSNR / EDM baselines;
 6. bundles: trials per hour of ``ld3.train.LD3Bundle`` (K trials, batch orders 0 .. K-1, in one batched
-   solve) on the workload for each K of ``--bundle-sizes``, with peak memory and each trial's RMSE.
+   solve) on the workload for each K of ``--bundle-sizes``, with peak memory and each trial's RMSE;
+7. step: where a training step's time goes, per K of ``--bundle-sizes`` on the workload: CUDA-synchronised
+   medians of the training solve + backward, the one accept + check solve, the old split for comparison
+   (accept re-solve, then check), the whole step (``LD3Bundle._step``), for early and whole-set checks, and the
+   validation slack pass of one round; timed through the bundle's own step methods (private, on purpose).
 
 Prints a table per section at the end and writes all numbers to ``<out>/gpu.json``:
 
@@ -535,6 +539,66 @@ def bench_bundles(setup: tuple, device: torch.device, sizes: list[int], slack_ro
     return rows
 
 
+# ---- 7. step: where one training step's time goes ------------------------------------------------------
+def step_parts(bundle: LD3Bundle, device: torch.device, min_time: float) -> list[dict]:
+    """Medians of one training step's solves, through the bundle's own step methods, for early (first
+    ``val_batch_size`` samples per trial) and whole-set checks: the training solve + backward, the merged
+    accept + check solve, the old split (accept re-solve, then check) and the whole step (``LD3Bundle._step``)."""
+    trials, k = bundle.trials, len(bundle.trials)
+    idx = {t: torch.arange(bundle.shared.train_batch_size, device=device) for t in trials}
+    grids, _, _, solved = bundle._training_solve(idx)
+    candidates = bundle._candidates(bundle.train, idx, solved)
+    judged = bundle._candidate_rows(candidates, solved, {t: tuple(g.detach() for g in grids[t]) for t in candidates})
+    n_judged = sum(len(r.z) for r in judged)
+    with torch.no_grad():
+        after = {t: t.disc() for t in trials}
+    train_s = median_seconds(lambda: bundle._training_solve(idx), device, min_time)
+    accept_s = median_seconds(lambda: bundle._row_losses(judged, n_judged), device, min_time)
+    rows = []
+    for whole in (False, True):
+        for t in trials:
+            t.val_on_all = whole  # patience never runs out here, so the step keeps this check width
+        counts = bundle._check_counts(trials)
+        checks = bundle._check_rows(trials, bundle.val, {t: t.z_val for t in trials}, counts, after)
+        batch = bundle._check_batch(k)
+        row = {"trials": k, "check_rows_per_trial": counts[trials[0]], "train_solve_backward_s": train_s,
+               "accept_solve_s": accept_s,
+               "check_solve_s": median_seconds(lambda: bundle._row_losses(checks, batch), device, min_time),  # noqa: B023
+               "merged_solve_s": median_seconds(lambda: bundle._row_losses(judged + checks, batch + n_judged),  # noqa: B023
+                                                device, min_time),
+               "step_s": median_seconds(lambda: bundle._step(idx), device, min_time)}
+        row["split_parts_s"] = train_s + accept_s + row["check_solve_s"]
+        row["merged_parts_s"] = train_s + row["merged_solve_s"]
+        row["saved_s"] = row["split_parts_s"] - row["merged_parts_s"]
+        rows.append(row)
+        print(f"step: K={k}, {row['check_rows_per_trial']} check rows/trial: step {row['step_s']:.4f} s, "
+              f"merged solve {row['merged_solve_s']:.4f} s vs accept + check {accept_s + row['check_solve_s']:.4f} s",
+              flush=True)
+    return rows
+
+
+def bench_step(setup: tuple, device: torch.device, sizes: list[int], slack_rows: int, min_time: float) -> dict:
+    """Anatomy of a training step of ``LD3Bundle`` on the workload (fast setting, K trials = seeds 0 .. K-1) for each
+    K: ``step_parts``, and the validation slack pass of one round (its batch capped as in the bundles section)."""
+    denoiser, train, val, rounds = setup
+    rows, slack = [], []
+    for k in sizes:
+        slack_batch = max(1, min(len(val), slack_rows // k))
+        configs = [workload_config(device, len(val), rounds, seed=seed, val_slack_batch_size=slack_batch,
+                                   patience=10**9) for seed in range(k)]
+        bundle = LD3Bundle(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val, configs, nfe=WORKLOAD_NFE)
+        try:
+            rows += step_parts(bundle, device, min_time)
+            seconds = median_seconds(lambda: bundle._validation_slack_pass(bundle.trials), device, min_time)  # noqa: B023
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: report, try the next
+            traceback.print_exc()
+            slack.append({"trials": k, "error": f"{type(error).__name__}: {error}"})
+            continue
+        slack.append({"trials": k, "val_slack_batch_size": slack_batch, "slack_pass_s": seconds,
+                      "steps_per_round": math.ceil(len(train) / configs[0].train_batch_size)})
+    return {"rows": rows, "slack_pass": slack}
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; columns are (header, key, format)."""
@@ -599,6 +663,19 @@ def report(results: dict) -> str:
                       ("trials / h", "trials_per_hour", ",.0f"), ("x K=1", "speedup_vs_k1", ".2f"),
                       ("peak GiB", "peak_gib", ".2f"), ("RMSE seed 0", "rmse_seed0", ".6f"),
                       ("mean RMSE", "rmse_mean", ".6f"), ("max RMSE", "rmse_max", ".6f")])]
+    if "step" in results:
+        step = results["step"]
+        parts += ["", "step: one training step's solves (medians, s): split = train + accept + check, merged = train + "
+                      "one accept+check solve; step = LD3Bundle._step as it runs",
+                  table(step["rows"], [
+                      ("K", "trials", "d"), ("check rows/trial", "check_rows_per_trial", "d"),
+                      ("train+bwd", "train_solve_backward_s", ".4f"), ("accept", "accept_solve_s", ".4f"),
+                      ("check", "check_solve_s", ".4f"), ("merged", "merged_solve_s", ".4f"),
+                      ("split sum", "split_parts_s", ".4f"), ("merged sum", "merged_parts_s", ".4f"),
+                      ("saved", "saved_s", ".4f"), ("step", "step_s", ".4f")]),
+                  "", "validation slack pass, one round (s)", table(step["slack_pass"], [
+                      ("K", "trials", "d"), ("slack batch", "val_slack_batch_size", "d"),
+                      ("steps / round", "steps_per_round", "d"), ("slack pass s", "slack_pass_s", ".3f")])]
     return "\n".join(parts)
 
 
@@ -606,7 +683,7 @@ def write_json(results: dict, folder: Path) -> Path:
     return atomic_write_bytes(folder / "gpu.json", json.dumps(results, indent=2, default=str).encode())
 
 
-SECTIONS = ("floor", "teacher", "recipe", "sd", "workload", "bundles")
+SECTIONS = ("floor", "teacher", "recipe", "sd", "workload", "bundles", "step")
 
 
 def main() -> None:
@@ -664,6 +741,7 @@ def main() -> None:
         "workload": lambda: bench_workload(workload(), device,
                                            **({"accept_after_step": True} if args.accept_after_step else {})),
         "bundles": lambda: bench_bundles(bundle_setup(), device, bundle_sizes, args.slack_rows),
+        "step": lambda: bench_step(workload(), device, bundle_sizes, args.slack_rows, min_time),
     }
     for name in sections:
         section_start = time.perf_counter()
