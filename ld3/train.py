@@ -576,9 +576,9 @@ class _Rows(NamedTuple):
     grid: tuple[Tensor, Tensor]
 
 
-def _nothing_accepted(rows: Tensor) -> Tensor:
-    """The accepted mask of a batch whose latents did not move (no slack, or no gradient)."""
-    return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+def _accepted_mask(accepted: dict[_Trial, Tensor], trial: _Trial, rows: Tensor) -> Tensor:
+    """A trial's accepted mask of step 4; all False where its latents did not move (no slack, or no gradient)."""
+    return accepted[trial] if trial in accepted else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
 
 
 class LD3Bundle:
@@ -741,7 +741,7 @@ class LD3Bundle:
         accepted mask, on the device."""
         totals, solved = self._solve(data, stores, idx, grids, weights, what=what)
         accepted = self._judge(stores, idx, solved, self._candidates(data, idx, solved), grids)
-        return {t: (totals[t], accepted.get(t, _nothing_accepted(idx[t]))) for t in solved}
+        return {t: (totals[t], _accepted_mask(accepted, t, idx[t])) for t in solved}
 
     def _solve(self, data: TeacherData, stores: dict[_Trial, Tensor], idx: dict[_Trial, Tensor],
                grids: dict[_Trial, tuple[Tensor, Tensor]], weights: Tensor | None = None, *,
@@ -921,7 +921,7 @@ class LD3Bundle:
                      val_losses: dict[_Trial, Tensor]) -> None:
         """One host sync for every trial's step metrics and schedule, then per trial: its validation check (best
         state, patience), its ``StepMetrics`` and the ``lr2_floor`` stop."""
-        host = self._to_host({t: [loss, val_losses[t], accepted.get(t, _nothing_accepted(idx[t])).float().mean(),
+        host = self._to_host({t: [loss, val_losses[t], _accepted_mask(accepted, t, idx[t]).float().mean(),
                                   t.max_slack_distance(self.train, self.val)] for t, loss in totals.items()})
         for t in totals:
             with self._guard(t):
