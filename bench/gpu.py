@@ -56,6 +56,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.parity_cpu import VARIANTS
+from bench.parity_cpu import variant as parity_variant
 from ld3.cuda_graphs import GraphedSolver
 from ld3.digits.denoiser import edm_preconditioning
 from ld3.discretizations import LearnableDiscretization, edm_rho, logsnr_uniform
@@ -481,24 +483,32 @@ def workload_setup(device: torch.device, tiny: bool) -> tuple[EDMPreconditionedU
     return (denoiser, *workload_data(denoiser, device, n, n), (1, 1) if tiny else (2, 5))
 
 
-def bench_workload(setup: tuple, device: torch.device, **overrides) -> dict:
-    """Baselines and one trial of the recipe (fast setting, plus ``overrides`` of LD3Config) on the workload, timed."""
+def bench_workload(setup: tuple, device: torch.device, variants: list[str], seeds: list[int]) -> dict:
+    """Baselines, then one trial of the recipe (fast setting) per trainer variant (``bench/parity_cpu.py``'s
+    VARIANTS: LD3Config overrides and reference behaviours patched in) and batch-order seed, timed."""
     denoiser, train, val, rounds = setup
     baselines = {name: mean_rmse(denoiser, val, grid(WORKLOAD_NFE, WORKLOAD_SCHEDULE).to(device), None)
                  for name, grid in (("logsnr_uniform", logsnr_uniform), ("edm_rho", edm_rho))}
-    reset_peak(device)
-    synchronize(device)
-    start = time.perf_counter()
-    result = train_ld3(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val,
-                       workload_config(device, len(val), rounds, **overrides), nfe=WORKLOAD_NFE)
-    synchronize(device)
-    wall = time.perf_counter() - start
-    return {"samples": {"train": len(train), "val": len(val)}, "rounds": rounds, "overrides": overrides,
-            "wall_s": wall, "steps": result.steps,
-            "s_per_iteration": wall / max(result.steps, 1), "peak_gib": peak_gib(device),
-            "rmse_learned": mean_rmse(denoiser, val, result.sigmas.to(device), result.sigmas_eval.to(device)),
-            "rmse_baselines": baselines, "issue_numbers": ISSUE_RMSE, "stop_reason": result.stop_reason,
-            "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()}
+    runs = []
+    for name in variants:
+        for seed in seeds:
+            with parity_variant(name) as overrides:
+                reset_peak(device)
+                synchronize(device)
+                start = time.perf_counter()
+                result = train_ld3(denoiser, "unipc_bh1", 3, WORKLOAD_SCHEDULE, train, val,
+                                   workload_config(device, len(val), rounds, seed=seed, **overrides), nfe=WORKLOAD_NFE)
+                synchronize(device)
+                wall = time.perf_counter() - start
+            runs.append({"variant": name, "seed": seed, "overrides": overrides, "wall_s": wall, "steps": result.steps,
+                         "s_per_iteration": wall / max(result.steps, 1), "peak_gib": peak_gib(device),
+                         "rmse_learned": mean_rmse(denoiser, val, result.sigmas.to(device),
+                                                   result.sigmas_eval.to(device)),
+                         "stop_reason": result.stop_reason,
+                         "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist()})
+            print(f"workload: {name} seed {seed}: RMSE {runs[-1]['rmse_learned']:.6f}, {wall:.1f} s", flush=True)
+    return {"samples": {"train": len(train), "val": len(val)}, "rounds": rounds, "rmse_baselines": baselines,
+            "issue_numbers": ISSUE_RMSE, "runs": runs}
 
 
 # ---- 6. bundles: K trials in one batched solve ------------------------------------------------------
@@ -647,13 +657,11 @@ def report(results: dict) -> str:
                                      ("s / step", "s_per_step", ".3f"), ("peak GiB", "peak_gib", ".2f")])]
     if "workload" in results:
         w = results["workload"]
-        names = {**{k: k for k in w["rmse_baselines"]}, "rmse_learned": "learned (this run)"}
-        measured = [{"schedule": names["rmse_learned"], "rmse": w["rmse_learned"]}]
-        measured += [{"schedule": k, "rmse": v} for k, v in w["rmse_baselines"].items()]
-        parts += ["", (f"workload (issue 20): {w['samples']} samples, rounds {w['rounds']}, UniPC-3 bh1 NFE 10, "
-                       f"LD3Config overrides {w.get('overrides', {})}; "
-                       f"{w['wall_s']:.1f} s wall, {w['steps']} steps, peak {w['peak_gib']} GiB; mean per-sample RMSE"),
-                  table(measured, [("schedule", "schedule", ""), ("RMSE", "rmse", ".6f")]),
+        parts += ["", (f"workload (issue 20): {w['samples']} samples, rounds {w['rounds']}, UniPC-3 bh1 NFE 10; "
+                       f"mean per-sample RMSE; baselines {json.dumps(w['rmse_baselines'])}"),
+                  table(w["runs"], [("variant", "variant", ""), ("seed", "seed", "d"), ("wall s", "wall_s", ".1f"),
+                                    ("steps", "steps", "d"), ("peak GiB", "peak_gib", ".2f"),
+                                    ("RMSE learned", "rmse_learned", ".6f")]),
                   f"issue 20's numbers for comparison: {w['issue_numbers']}"]
     if "bundles" in results:
         parts += ["", "bundles: K trials (batch orders 0..K-1) in one batched solve, the workload's recipe",
@@ -700,8 +708,9 @@ def main() -> None:
                         help="rounds 'v1,v2' of the bundles' trials (default: the recipe's 2,5; --tiny 1,1)")
     parser.add_argument("--slack-rows", type=int, default=50,
                         help="rows of the bundles' validation slack pass, about (memory; default 50)")
-    parser.add_argument("--accept-after-step", action="store_true",
-                        help="workload section: LD3Config.accept_after_step (the reference code's accept rule)")
+    parser.add_argument("--variants", default="defaults",
+                        help=f"workload section: trainer variants, comma-separated, of {tuple(VARIANTS)} (default: defaults)")
+    parser.add_argument("--workload-seeds", default="0", help="workload section: batch-order seeds (default 0)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu.json (default: $OUT or .)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -738,8 +747,8 @@ def main() -> None:
         "recipe": lambda: bench_recipe(net, device, args.quick, start + args.budget, min_time,
                                        [int(seed) for seed in args.default_seeds.split(",")]),
         "sd": lambda: bench_sd(device, args.quick, min_time),
-        "workload": lambda: bench_workload(workload(), device,
-                                           **({"accept_after_step": True} if args.accept_after_step else {})),
+        "workload": lambda: bench_workload(workload(), device, args.variants.split(","),
+                                           [int(seed) for seed in args.workload_seeds.split(",")]),
         "bundles": lambda: bench_bundles(bundle_setup(), device, bundle_sizes, args.slack_rows),
         "step": lambda: bench_step(workload(), device, bundle_sizes, args.slack_rows, min_time),
     }

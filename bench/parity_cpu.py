@@ -22,6 +22,7 @@ Workloads:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -30,6 +31,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,21 +39,96 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from ld3.discretizations import edm_rho, logsnr_uniform
+from ld3.discretizations import LearnableDiscretization, edm_rho, logsnr_uniform
 from ld3.losses import l2_loss
 from ld3.models.gmm import default_gmm
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import EDMSchedule
-from ld3.train import LD3Config, TeacherData, train_ld3
+from ld3.solvers import unipc
+from ld3.train import LD3Config, TeacherData, _Trial, train_ld3
 from ld3.utils import atomic_write_bytes, latents_from_seeds
 
-# Trainer variants: LD3Config overrides on top of the defaults.
+# Trainer variants: LD3Config overrides on top of the defaults, and reference behaviours that are not options of
+# ours, patched in for the run only (``variant``).
 VARIANTS = {
     "defaults": {},
     "whole_set_checks": {"val_batch_size": 50},  # the reference's pixel configs: valid batch 150 >= 50 samples
     "accept_after_step": {"accept_after_step": True},  # the reference's accept-if-better rule
     "reference_rules": {"val_batch_size": 50, "accept_after_step": True},
+    "reference_unipc_gradient": {},  # + patch: UniPC's rho without the gradient of r_k (its torch.tensor(list))
+    "reload_val_latents": {},  # + patch: a patience reload also restores the validation slack latents of the best
+    "reference_window": {},  # + patch: lambda mode's decoupling window from the raw parameters xi
+    "reference_all": {"val_batch_size": 50, "accept_after_step": True},  # + all three patches
 }
+PATCHES = {"reference_unipc_gradient": ("unipc_gradient",), "reload_val_latents": ("reload_val_latents",),
+           "reference_window": ("window",), "reference_all": ("unipc_gradient", "reload_val_latents", "window")}
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[dict]:
+    """The variant's LD3Config overrides, with its patches applied for the duration (bench only; not options)."""
+    with contextlib.ExitStack() as stack:
+        for patch in PATCHES.get(name, ()):
+            stack.enter_context(_PATCHERS[patch]())
+        yield VARIANTS[name]
+
+
+@contextlib.contextmanager
+def _unipc_reference_gradient() -> Iterator[None]:
+    """The reference's UniPC builds its ratios r_k with ``torch.tensor(list)``, which cuts the gradient of the
+    predictor/corrector weights rho with respect to r_k (the divisions by r_k keep theirs): solve the Vandermonde
+    systems on detached nodes."""
+    original = unipc.solve_vandermonde
+    unipc.solve_vandermonde = lambda nodes, rhs: original(nodes.detach(), rhs)
+    try:
+        yield
+    finally:
+        unipc.solve_vandermonde = original
+
+
+@contextlib.contextmanager
+def _reload_restores_val_latents() -> Iterator[None]:
+    """The reference pickles its validation data with every best state and a patience reload restores it; ours
+    keeps the current validation slack latents. Save them with the best state, restore them on a patience reload."""
+    save, reload = _Trial.save_best, _Trial._reload_best_and_decay
+
+    def save_best(self, *args, **kwargs):
+        self.best_z_val = self.z_val.detach().clone()
+        return save(self, *args, **kwargs)
+
+    def reload_and_decay(self, *args, **kwargs):
+        self.z_val.copy_(self.best_z_val)
+        return reload(self, *args, **kwargs)
+
+    _Trial.save_best, _Trial._reload_best_and_decay = save_best, reload_and_decay
+    try:
+        yield
+    finally:
+        _Trial.save_best, _Trial._reload_best_and_decay = save, reload
+
+
+@contextlib.contextmanager
+def _reference_window() -> Iterator[None]:
+    """In lambda mode the reference's window is ``win_rate * min |xi_{i+1} - xi_i|`` of the raw parameters (zero
+    while they are equal, as at its all-ones start), not of the lambda grid as ours (docs/method.md)."""
+    original = LearnableDiscretization.eval_offsets
+
+    def eval_offsets(self, grid: Tensor) -> Tensor:
+        if self.mode != "lambda":
+            return original(self, grid)
+        window = self.win_rate * self.xi.detach().diff().abs().min()
+        offsets = torch.clamp(self.xi_c, -window, window)
+        return torch.cat([offsets.new_zeros(1), offsets[1:-1], offsets.new_zeros(1)])
+
+    LearnableDiscretization.eval_offsets = eval_offsets
+    try:
+        yield
+    finally:
+        LearnableDiscretization.eval_offsets = original
+
+
+_PATCHERS = {"unipc_gradient": _unipc_reference_gradient, "reload_val_latents": _reload_restores_val_latents,
+             "window": _reference_window}
 FULL_UNET = {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2, "norm_num_groups": 32}
 SMALL_UNET = {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8}
 
@@ -113,8 +190,9 @@ def run(args) -> dict:
         runs = []
         for seed in args.seeds:
             start = time.perf_counter()
-            result = train_ld3(denoiser, "unipc_bh1", 3, schedule, train, val,
-                               LD3Config(seed=seed, **extra, **VARIANTS[name]), nfe=10)
+            with variant(name) as overrides:
+                result = train_ld3(denoiser, "unipc_bh1", 3, schedule, train, val,
+                                   LD3Config(seed=seed, **extra, **overrides), nfe=10)
             runs.append({"seed": seed, "rmse": result.final_val_loss**0.5, "steps": result.steps,
                          "stop_reason": result.stop_reason, "wall_s": time.perf_counter() - start})
             print(f"{name} seed {seed}: RMSE {runs[-1]['rmse']:.6f} ({runs[-1]['wall_s']:.0f} s)", flush=True)
