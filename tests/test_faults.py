@@ -263,7 +263,8 @@ def _build_inf_model(*, device, dtype, threshold: float):
 
 def test_non_finite_teacher_data_is_refused_naming_model_and_sigma(by_value, tmp_path):
     from pipeline.errors import TeacherGenerationError
-    from pipeline.models.registry import ModelSpec, register_model_builder
+    from pipeline.models.registry import register_model_builder
+    from pipeline.models.spec import ModelSpec
     from pipeline.teacher.cache import TeacherCache
     from pipeline.teacher.solve import TeacherConfig
 

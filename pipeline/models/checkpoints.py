@@ -16,14 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ld3.checkpoint_sources import EDM_RELEASE_URL, SD_EXAMPLE_REPO
 from ld3.losses import MissingWeightsError
 from ld3.models.diffusers_models import resolve_pretrained_folder
-from ld3.models.edm import EDM_RELEASE_URL
-from ld3.models.stable_diffusion import SD_EXAMPLE_REPO
 from ld3.utils import user_cache_dir
 from pipeline.fileio import atomic_write_text
 from pipeline.models.families import FAMILY_BUILDERS
-from pipeline.models.registry import ModelSpec
+from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
