@@ -87,11 +87,11 @@ def solver_info(name: str) -> SolverInfo:
         raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVER_TABLE)}") from None
 
 
-def check_order(solver: str, order: int, supported: tuple[int, ...] | None = None) -> None:
-    """Raise ValueError unless ``order`` is one of the solver's orders (``supported``, else the table's)."""
-    supported = solver_info(solver).orders if supported is None else supported
+def check_order(solver: str, order: int) -> None:
+    """Raise ValueError unless ``order`` is one of solver ``solver``'s orders."""
+    supported = solver_info(solver).orders
     if isinstance(order, bool) or not isinstance(order, int) or order not in supported:
-        raise ValueError(f"order={order!r} is not supported by {solver}; choose one of {tuple(supported)}")
+        raise ValueError(f"order={order!r} is not supported by {solver}; choose one of {supported}")
 
 
 def _check_n_steps(n_steps: Any) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints as model specs: :func:`checkpoint_spec` makes the :class:`~pipeline.models.registry.ModelSpec`
+"""Checkpoints as model specs: :func:`checkpoint_spec` makes the :class:`~pipeline.models.spec.ModelSpec`
 of a checkpoint of a family (pipeline.models.families): it checks that the path fits the family and records
 :func:`checkpoint_digest` (sha256 of the file, or of a pipeline folder's component files), so the teacher
 cache key changes whenever the weights do. Digests are computed once per file and cached in
