@@ -229,14 +229,14 @@ class ModelStudy:
     def make_config(self, args: argparse.Namespace) -> StudyConfig:
         """The study for these flags, with every model input checked (module docstring). Writes only into
         ``$XDG_CACHE_HOME/ld3`` (checkpoint digests; the tiny checkpoint of ``--smoke-test``)."""
+        from ld3.losses import get_loss  # the model's libraries: imported once a study is built
+        from pipeline.models.checkpoints import record_checkpoint_digest
+
         study = smoke_variant(self.study) if args.smoke_test else self.study
         if getattr(args, "trust_checkpoint_code", False):
             os.environ[TRUST_ENV_VAR] = "1"  # read by the loader here and in the Ray workers this process starts
         spec = self._spec(args)
         conditions = self._conditions(spec, args, study)
-        from ld3.losses import get_loss
-        from pipeline.models.checkpoints import record_checkpoint_digest
-
         record_checkpoint_digest(spec.kwargs["checkpoint"])  # only now: the file loaded
         if study.trainer.loss == "lpips":
             get_loss("lpips")  # MissingWeightsError names the VGG file, where it was looked for and how to get it
