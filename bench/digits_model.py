@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ld3.digits.checkpoint import CLASSIFIER_FILE, DENOISER_FILE
 from ld3.digits.data import N_CLASSES, load_split
 from ld3.digits.denoiser import load_digits_denoiser
 from ld3.digits.quality import DigitsQuality
+from ld3.digits.shipped import CLASSIFIER_FILE, DENOISER_FILE
 from ld3.discretizations import BASELINES, get_baseline
 from ld3.sampling import sample
 from ld3.solvers import solver_steps_for_nfe

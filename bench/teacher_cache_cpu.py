@@ -33,7 +33,7 @@ from dataclasses import replace
 import ray
 import torch
 
-from pipeline.models.registry import ModelSpec, gmm_spec
+from pipeline.models.spec import ModelSpec, gmm_spec
 from pipeline.teacher.cache import TeacherCache
 from pipeline.teacher.solve import TeacherConfig, solve_teacher
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ld3.catalog import AYS_PREFIX, AYS_SIGMAS, DMN, GITS, check_baseline_name
 from ld3.discretizations import (
     BASELINES,
     _check_n_steps,
@@ -43,17 +44,10 @@ from ld3.solvers import Denoiser, ipndm
 # ---------------------------------------------------------------------------------------------
 # AYS: published lists
 # ---------------------------------------------------------------------------------------------
-# NVIDIA's published 10-step lists (sigma_max first; the last entry is the model's sigma_min, which
-# diffusers' AysSchedules replaces by 0.0 for its own samplers).
-AYS_SIGMAS: dict[str, tuple[float, ...]] = {
-    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
-    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
-    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
-}
+# NVIDIA's published lists: ld3.catalog.AYS_SIGMAS (their names are plain data there).
 # Model families (pipeline ``ModelSpec.family``) whose networks an AYS list was optimised for; this project's
 # "stable_diffusion" family loads Stable Diffusion v1.x only.
 AYS_MODEL_OF_FAMILY: dict[str, str] = {"stable_diffusion": "sd15"}
-_AYS_PREFIX = "ays_"
 # The published values have 3 decimals (700.00 / 54.5 for SVD): their ends may differ from the exact range by that.
 _AYS_END_ATOL = 5e-4
 _AYS_END_RTOL = 1e-3
@@ -306,18 +300,6 @@ def gits(denoiser: Denoiser, n_steps: int, schedule: NoiseSchedule, z: Tensor, c
 # ---------------------------------------------------------------------------------------------
 # Every baseline by name; the set of a study cell
 # ---------------------------------------------------------------------------------------------
-GITS, DMN = "gits", "dmn"
-LITERATURE_BASELINES = (GITS, DMN, *(_AYS_PREFIX + m for m in AYS_SIGMAS))
-BASELINE_NAMES = (*BASELINES, *LITERATURE_BASELINES)
-
-
-def check_baseline_name(name: Any) -> str:
-    """``name`` if it names a baseline of :data:`BASELINE_NAMES`, else a ValueError listing them."""
-    if not isinstance(name, str) or name not in BASELINE_NAMES:
-        raise ValueError(f"unknown baseline {name!r}; choose one of {list(BASELINE_NAMES)}")
-    return name
-
-
 def named_grid(name: str, n_steps: int, schedule: NoiseSchedule, *, denoiser: Denoiser | None = None,
                z: Tensor | None = None, cond: Any = None, latent: bool = False,
                gits_config: GITSConfig = GITSConfig()) -> Tensor:
@@ -328,8 +310,8 @@ def named_grid(name: str, n_steps: int, schedule: NoiseSchedule, *, denoiser: De
         return BASELINES[name](n_steps, schedule)
     if name == DMN:
         return dmn(n_steps, schedule, latent=latent)
-    if name.startswith(_AYS_PREFIX):
-        return ays(n_steps, schedule, name[len(_AYS_PREFIX):])
+    if name.startswith(AYS_PREFIX):
+        return ays(n_steps, schedule, name[len(AYS_PREFIX):])
     if denoiser is None or z is None:
         raise ValueError("the GITS baseline needs the model: pass denoiser= and latents z= (a few teacher solves)")
     return gits(denoiser, n_steps, schedule, z, cond, gits_config)
@@ -338,7 +320,7 @@ def named_grid(name: str, n_steps: int, schedule: NoiseSchedule, *, denoiser: De
 def study_baseline_names(ays_model: str | None = None) -> list[str]:
     """The baseline set of a study cell (what :func:`cell_baselines` builds and the evaluation stage scores): the
     fixed grids, DMN, GITS and the AYS list of ``ays_model`` (None: no published list, so no AYS baseline)."""
-    return [*BASELINES, DMN, GITS] + ([] if ays_model is None else [_AYS_PREFIX + ays_model])
+    return [*BASELINES, DMN, GITS] + ([] if ays_model is None else [AYS_PREFIX + ays_model])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ld3.catalog import DISCRETIZATION_NAMES, check_discretization_name, matching_registry
 from ld3.schedules import NoiseSchedule
 
 GridSpace = Literal["lambda", "time"]
@@ -164,20 +165,17 @@ def edm_rho(
 
 
 Baseline = Callable[..., Tensor]
-BASELINES: dict[str, Baseline] = {
+BASELINES: dict[str, Baseline] = matching_registry("fixed discretisations", DISCRETIZATION_NAMES, {
     "time_uniform": time_uniform,
     "time_quadratic": time_quadratic,
     "logsnr_uniform": logsnr_uniform,
     "edm_rho": edm_rho,
-}
+})
 
 
 def get_baseline(name: str) -> Baseline:
-    """The fixed discretisation called ``name`` (``BASELINES`` lists them)."""
-    try:
-        return BASELINES[name]
-    except KeyError:
-        raise ValueError(f"unknown baseline discretisation {name!r}; choose one of {sorted(BASELINES)}") from None
+    """The fixed discretisation called ``name`` (``ld3.catalog.DISCRETIZATION_NAMES`` lists them)."""
+    return BASELINES[check_discretization_name(name)]
 
 
 def _min_step_fraction(dtype: torch.dtype) -> float:

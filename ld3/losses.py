@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ld3.catalog import LOSS_NAMES, PIXEL_LOSS_NAMES, matching_registry
+from ld3.checkpoint_sources import MissingWeightsError
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 # Backbones of the lpips package -> (torchvision weights enum, its member) giving the checkpoint URL.
@@ -28,10 +31,6 @@ _LPIPS_BACKBONES = {"vgg": ("VGG16_Weights", "IMAGENET1K_V1"),
                     "alex": ("AlexNet_Weights", "IMAGENET1K_V1"),
                     "squeeze": ("SqueezeNet1_1_Weights", "IMAGENET1K_V1")}
 _LPIPS_MIN_SIZE = {"vgg": 16, "alex": 31, "squeeze": 17}  # smallest image side each trunk's pooling accepts
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A pretrained weights file is not on disk (nothing is downloaded implicitly)."""
 
 
 def _check_pair(prediction: Tensor, target: Tensor) -> None:
@@ -132,12 +131,11 @@ class LPIPSLoss(nn.Module):
         return self.metric(a, b).reshape(-1).to(prediction.dtype)
 
 
-PIXEL_LOSSES: dict[str, LossFn] = {"l2": l2_loss, "l1": l1_loss}
-LOSS_NAMES = (*PIXEL_LOSSES, "lpips")
+PIXEL_LOSSES: dict[str, LossFn] = matching_registry("pixel losses", PIXEL_LOSS_NAMES, {"l2": l2_loss, "l1": l1_loss})
 
 
 def get_loss(name: str, **lpips_kwargs) -> LossFn:
-    """Per-sample loss by name (``LOSS_NAMES``); keyword arguments are ``LPIPSLoss`` options."""
+    """Per-sample loss by name (``ld3.catalog.LOSS_NAMES``); keyword arguments are ``LPIPSLoss`` options."""
     if name == "lpips":
         return LPIPSLoss(**lpips_kwargs)
     if name not in PIXEL_LOSSES:

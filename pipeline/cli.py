@@ -5,6 +5,10 @@ and calls ``main(make_config, description)``. Flags common to all studies:
 ``--address --tracking-uri --cache-dir --exports-dir --storage-dir --num-samples --nfe --solvers
 --max-concurrent --gpus-per-trial --cpus-per-trial --no-resume --smoke-test``, and the evaluation stage's
 ``--fid-samples --fid-ref --inception-weights --eval-workers`` (any of them turns it on).
+
+Parsing flags and building the study import only plain-data configs (``pipeline.study_config``), so ``--help``
+and flag errors come back in well under a second; the driver (Ray, MLflow, torch) is imported when a study runs
+or dry-runs.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from pipeline.driver import StudyConfig, StudyOptions, StudyResult, check_study, run_study
+from ld3.catalog import solver_info
 from pipeline.errors import StudyInputError, as_input_error
-from pipeline.evaluation.report import format_evaluation_table
-from pipeline.evaluation.targets import EvaluationConfig
-from pipeline.recording.exports import study_exports_dir
-from pipeline.recording.tracking import resolve_tracking_uri
+from pipeline.evaluation.config import EvaluationConfig
 from pipeline.search.space import SolverChoice
-from pipeline.summary import format_table, incomplete_cells
+from pipeline.study_config import StudyConfig, StudyOptions
+
+if TYPE_CHECKING:
+    from pipeline.driver import StudyResult
 
 ConfigFactory = Callable[[argparse.Namespace], StudyConfig]
 # --learn-coefficients: SearchSpace.learn_coefficients (docs/method.md#learned-coefficients)
@@ -48,10 +53,8 @@ def parse_solvers(text: str) -> tuple[SolverChoice, ...]:
 
 def _default_order(name: str) -> int:
     """A solver named without ``:order`` runs at the highest order it supports."""
-    from ld3.solvers.registry import get_spec
-
     try:
-        return max(get_spec(name).orders)
+        return max(solver_info(name).orders)
     except ValueError as err:
         raise ValueError(f"{err} (in --solvers)") from None
 
@@ -164,6 +167,9 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
 
 def plan(study: StudyConfig, options: StudyOptions) -> str:
     """What ``--dry-run`` prints: the study's shape and where it would write (all inputs already checked)."""
+    from pipeline.recording.exports import study_exports_dir
+    from pipeline.recording.tracking import resolve_tracking_uri
+
     cells = len(study.solvers) * len(study.nfes)
     teacher = study.teacher
     return "\n".join([
@@ -181,6 +187,9 @@ def plan(study: StudyConfig, options: StudyOptions) -> str:
 
 def report(result: StudyResult) -> str:
     """The closing text: the table, and where everything is."""
+    from pipeline.evaluation.report import format_evaluation_table
+    from pipeline.summary import format_table
+
     lines = [
         f"Study {result.name!r} on {result.model_id}: learned (LD3) vs best baseline, validation loss on the",
         "teacher's validation set (original latents); ratio < 1 means the learned schedule wins.",
@@ -221,12 +230,14 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if not args.verbose:
-        _quiet_libraries()
     try:
         with as_input_error():  # building the config from the flags only checks input
             config = apply_overrides(make_config(args), args)
         options = options_from_args(args)
+        if not args.verbose:
+            _quiet_libraries()
+        from pipeline.driver import check_study, run_study  # Ray, MLflow and torch: only once a study (dry-)runs
+
         if args.dry_run:
             check_study(config, options)
             print(plan(config, options))
@@ -243,6 +254,8 @@ def main(make_config: ConfigFactory, description: str, argv: Sequence[str] | Non
 
 def exit_code(result: StudyResult) -> int:
     """0 when every cell exported a schedule; otherwise 1 and a line naming the cells without one."""
+    from pipeline.summary import incomplete_cells
+
     missing = incomplete_cells(result.cells)
     if missing:
         print(f"error: no trial finished (ok/stopped/failed) in {missing}; the MLflow trial runs' 'failure' tags "

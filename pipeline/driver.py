@@ -25,120 +25,26 @@ from typing import Any, NoReturn
 import ray
 import torch
 
-from ld3.models.edm import TRUST_ENV_VAR, code_trusted
+from ld3.checkpoint_sources import TRUST_ENV_VAR
+from ld3.models.edm import code_trusted
 from ld3.schedules import NoiseSchedule
-from ld3.solvers import coefficient_shape
-from ld3.train import LD3Config
 from pipeline.errors import as_input_error
 from pipeline.evaluation.report import record_evaluation
 from pipeline.evaluation.sampling import check_evaluation, evaluate_schedules
-from pipeline.evaluation.targets import EvaluationConfig, EvaluationResult, targets_from_cells
-from pipeline.models.registry import ModelSpec
+from pipeline.evaluation.targets import EvaluationResult, targets_from_cells
 from pipeline.preflight import check_paths, check_ray_address, check_resources, is_uri
 from pipeline.progress import StudyProgress
 from pipeline.recording.exports import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.recording.runs import StudyTracker
 from pipeline.recording.tracking import TAG_BEST, mlflow_retry_env, probe_server, resolve_tracking_uri, tracking_outage
 from pipeline.search.cell import QUALITY_KEYS, CellContext, CellResult, SearchSettings
-from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.search.tuner import close_trial_runs, run_search, submit_baselines, summarise_trials, with_baselines
+from pipeline.study_config import StudyConfig, StudyOptions
 from pipeline.study_lock import study_lock
 from pipeline.summary import incomplete_cells, log_summary
 from pipeline.teacher.cache import CacheEntry, TeacherCache
-from pipeline.teacher.solve import TeacherConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """One study: a model, its teacher, and the (solver, NFE) cells to search. Frozen; built per script."""
-
-    name: str  # experiment / study name (letters, digits, '.', '_', '-')
-    model: ModelSpec
-    teacher: TeacherConfig = TeacherConfig()
-    solvers: tuple[SolverChoice, ...] = (SolverChoice("unipc_bh1", 3), SolverChoice("ipndm", 4))
-    nfes: tuple[int, ...] = (4, 6, 8, 10)
-    num_train: int = 50  # teacher samples used for training (sample ids 0..num_train-1)
-    num_validation: int = 50  # the next ids, for validation and model selection
-    trainer: LD3Config = LD3Config()  # base hyperparameters; the search overrides the searched ones
-    search: SearchSpace = SearchSpace()
-    num_trials: int = 12  # Optuna trials per cell
-    max_concurrent: int = 2  # trials running at once per cell
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
-    asha_grace_epochs: float = 2.0  # passes over the training data every trial makes before ASHA may stop it
-    asha_reduction_factor: int = 3
-    fd_samples: int = 2000  # samples for the exact data-space Fréchet distance (GMM models only)
-    eval_batch_size: int = 256
-    seed: int = 0  # seeds Optuna's TPE sampler
-    evaluation: EvaluationConfig | None = None  # sample quality (FID / exact FD) after the search; None skips it
-
-    def __post_init__(self) -> None:
-        if not self.solvers:
-            raise ValueError("StudyConfig.solvers is empty; give at least one SolverChoice")
-        if not self.nfes or any(not isinstance(n, int) or n < 1 for n in self.nfes):
-            raise ValueError(f"StudyConfig.nfes must be integers >= 1, got {self.nfes}")
-        for choice in self.solvers:
-            for nfe in self.nfes:
-                choice.n_steps(nfe)  # raises when a solver cannot spend that NFE
-        if self.num_train < 1 or self.num_validation < 1:
-            raise ValueError("StudyConfig.num_train and num_validation must be >= 1")
-        if self.num_train + self.num_validation > self.teacher.num_samples:
-            raise ValueError(
-                f"num_train + num_validation = {self.num_train + self.num_validation} exceeds the teacher's "
-                f"num_samples = {self.teacher.num_samples}; raise TeacherConfig.num_samples"
-            )
-        if self.asha_grace_epochs <= 0 or self.asha_reduction_factor < 2:
-            raise ValueError("StudyConfig.asha_grace_epochs must be > 0 and asha_reduction_factor >= 2")
-        if self.num_trials < 1 or self.max_concurrent < 1:
-            raise ValueError("StudyConfig.num_trials and max_concurrent must be >= 1")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("StudyConfig.cpus_per_trial must be > 0 and gpus_per_trial >= 0")
-        if True in self.search.learn_coefficients:
-            self._check_learnable_coefficients()
-
-    def _check_learnable_coefficients(self) -> None:
-        """Every solver of the study has coefficients to learn, and the trainer accepts learning them."""
-        for choice in self.solvers:
-            try:
-                coefficient_shape(choice.name, 1, choice.order)
-            except ValueError as err:
-                raise ValueError(f"SearchSpace.learn_coefficients includes True, but {err}") from None
-        replace(self.trainer, learn_coefficients=True)  # LD3Config refuses e.g. cuda_graphs with it
-
-    def search_settings(self) -> SearchSettings:
-        """What the search stage reads of this study."""
-        return SearchSettings(
-            model_id=self.model.model_id, family=self.model.family, dtype=self.teacher.torch_dtype,
-            num_train=self.num_train, num_validation=self.num_validation, trainer=self.trainer, search=self.search,
-            num_trials=self.num_trials, max_concurrent=self.max_concurrent, cpus_per_trial=self.cpus_per_trial,
-            gpus_per_trial=self.gpus_per_trial, asha_grace_epochs=self.asha_grace_epochs,
-            asha_reduction_factor=self.asha_reduction_factor, fd_samples=self.fd_samples,
-            eval_batch_size=self.eval_batch_size, seed=self.seed)
-
-    def evaluation_config(self) -> EvaluationConfig | None:
-        """The evaluation stage's settings; unconditional settings of a conditional teacher take its conditions."""
-        config = self.evaluation
-        if config is not None and config.conditions is None and self.teacher.conditions is not None:
-            config = replace(config, conditions=tuple(self.teacher.sample_conditions()))
-        return config
-
-
-@dataclass(frozen=True)
-class StudyOptions:
-    """Where a study runs and writes (runtime, not part of the science)."""
-
-    address: str | None = None  # Ray address; None starts Ray in-process, "auto" joins a cluster
-    num_cpus: int | None = None  # for an in-process Ray only
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db
-    cache_dir: str = "ld3_cache"  # teacher cache: local folder or pyarrow filesystem URI
-    exports_dir: str = "exports"
-    storage_dir: str = "ray_results"  # Tune experiment state (local folder or URI, shared on a cluster)
-    work_dir: str = "."  # default home of the MLflow database
-    resume: bool = True
-    verbose: int = 0  # 0: the progress line only; 1, 2: Tune's own console output too (its verbose levels)
-    progress: bool = True  # print the live progress line (pipeline.progress)
 
 
 @dataclass(frozen=True)
@@ -153,6 +59,17 @@ class StudyResult:
     cache: str
     exports_dir: str
     evaluation: EvaluationResult | None = None  # the sample-quality stage (StudyConfig.evaluation)
+
+
+def search_settings(study: StudyConfig) -> SearchSettings:
+    """What the search stage reads of a study."""
+    return SearchSettings(
+        model_id=study.model.model_id, family=study.model.family, dtype=study.teacher.torch_dtype,
+        num_train=study.num_train, num_validation=study.num_validation, trainer=study.trainer, search=study.search,
+        num_trials=study.num_trials, max_concurrent=study.max_concurrent, cpus_per_trial=study.cpus_per_trial,
+        gpus_per_trial=study.gpus_per_trial, asha_grace_epochs=study.asha_grace_epochs,
+        asha_reduction_factor=study.asha_reduction_factor, fd_samples=study.fd_samples,
+        eval_batch_size=study.eval_batch_size, seed=study.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +166,7 @@ def _search_cells(study: StudyConfig, options: StudyOptions, tracker: StudyTrack
                   entry: CacheEntry) -> tuple[CellResult, ...]:
     """Every cell's search and export, in order; the baselines of every cell are queued at once and each cell
     waits only for its own before its search."""
-    settings, build = study.search_settings(), study.model.resolve()
+    settings, build = search_settings(study), study.model.resolve()
     contexts = [CellContext(settings, solver, nfe, solver.n_steps(nfe), options.cache_dir, entry.key,
                             tracker.context, build) for solver in study.solvers for nfe in study.nfes]
     baseline_refs = [submit_baselines(ctx) for ctx in contexts]

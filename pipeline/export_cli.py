@@ -19,8 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ld3.solvers.base import check_order
-from ld3.solvers.registry import get_spec
+from ld3.catalog import check_order
 from pipeline.fileio import atomic_write_text, ensure_writable_dir
 from pipeline.recording.export_tools import interpolated_export, native_schedule
 from pipeline.recording.exports import DIFFUSERS_TIME_SCHEDULES, INTERPOLATED_MODE, ExportedSchedule, load_schedule
@@ -39,7 +38,7 @@ def load_export(path: str) -> ExportedSchedule:
     """``load_schedule`` and a check that the export's solver and order are ones ``ld3.solvers`` runs."""
     exported = load_schedule(path)
     try:
-        check_order(exported.solver, exported.order, get_spec(exported.solver).orders)
+        check_order(exported.solver, exported.order)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return exported

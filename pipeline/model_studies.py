@@ -18,25 +18,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ld3.losses import MissingWeightsError, get_loss
-from ld3.models.edm import TRUST_ENV_VAR, TRUST_FLAG
-from ld3.models.stable_diffusion import SD_EXAMPLE_REPO, load_prompts
-from ld3.train import LD3Config
+from ld3.checkpoint_sources import SD_EXAMPLE_REPO, TRUST_ENV_VAR, TRUST_FLAG, WEIGHTS_DTYPE_NAMES, MissingWeightsError
+from ld3.config import LD3Config
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
-from pipeline.driver import StudyConfig
-from pipeline.models.checkpoints import checkpoint_spec, record_checkpoint_digest
-from pipeline.models.families import WEIGHTS_DTYPES
-from pipeline.models.registry import ConditionValue, ModelSpec
-from pipeline.models.smoke import SMOKE_PROMPTS
+from pipeline.models.spec import ModelSpec
 from pipeline.search.space import SearchSpace, SolverChoice
-from pipeline.teacher.solve import TeacherConfig
+from pipeline.study_config import StudyConfig
+from pipeline.teacher.config import TeacherConfig
+
+if TYPE_CHECKING:
+    from pipeline.models.registry import ConditionValue
 
 CLASS_FAMILIES = ("edm", "diffusers_pixel", "diffusers_latent")  # families whose networks may take class ids
 DIFFUSERS_FAMILIES = ("diffusers_pixel", "diffusers_latent", "stable_diffusion")
@@ -115,6 +112,8 @@ def smoke_variant(study: StudyConfig) -> StudyConfig:
 # ---------------------------------------------------------------------------------------------
 def balanced_class_ids(num_samples: int, n_classes: int, seed: int) -> tuple[int, ...]:
     """Class ids for ``num_samples`` samples: every class equally often (up to one), in a seeded random order."""
+    import torch  # torch's generator fixes the order (and with it the teacher cache key)
+
     generator = torch.Generator().manual_seed(seed)
     rounds = math.ceil(num_samples / n_classes)
     ids = torch.cat([torch.randperm(n_classes, generator=generator) for _ in range(rounds)])
@@ -135,6 +134,20 @@ def parse_class_labels(text: str, num_samples: int, n_classes: int) -> tuple[int
 # ---------------------------------------------------------------------------------------------
 # A study script
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmokeCheckpoint:
+    """The tiny random checkpoint of ``--smoke-test``: function ``maker`` of ``pipeline.models.smoke`` called with
+    ``kwargs`` on first use (that module builds torch networks, so a study script names it without importing it)."""
+
+    maker: str  # e.g. "tiny_edm_pickle"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> Path:
+        from pipeline.models import smoke
+
+        return getattr(smoke, self.maker)(**self.kwargs)
+
+
 @dataclass(frozen=True)
 class ModelStudy:
     """A per-model study script: its frozen study and where and how it finds the checkpoint.
@@ -182,7 +195,7 @@ class ModelStudy:
                             "(GPU trials; bench/RESULTS.md: reference recipe 229 s -> 39 s on an H200; kernels may differ "
                             "in rounding from the eager ones)")
         if "weights_dtype" in self.model_options:
-            p.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPES), default=None,
+            p.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPE_NAMES), default=None,
                            help="load the network weights in this dtype (default: float32)")
         if "guidance_scale" in self.model_options:
             p.add_argument("--guidance-scale", type=float, default=None,
@@ -216,6 +229,9 @@ class ModelStudy:
     def make_config(self, args: argparse.Namespace) -> StudyConfig:
         """The study for these flags, with every model input checked (module docstring). Writes only into
         ``$XDG_CACHE_HOME/ld3`` (checkpoint digests; the tiny checkpoint of ``--smoke-test``)."""
+        from ld3.losses import get_loss  # the model's libraries: imported once a study is built
+        from pipeline.models.checkpoints import record_checkpoint_digest
+
         study = smoke_variant(self.study) if args.smoke_test else self.study
         if getattr(args, "trust_checkpoint_code", False):
             os.environ[TRUST_ENV_VAR] = "1"  # read by the loader here and in the Ray workers this process starts
@@ -234,6 +250,8 @@ class ModelStudy:
         return replace(study, model=spec, teacher=teacher, trainer=trainer)
 
     def _check_gpus(self, gpus: float, args: argparse.Namespace) -> None:
+        import torch
+
         if gpus > 0 and args.address is None and not torch.cuda.is_available():
             raise ValueError(
                 f"this study runs its trials on GPUs (--gpus-per-trial {gpus:g}), but no CUDA device is visible; "
@@ -252,6 +270,8 @@ class ModelStudy:
         return self.default_checkpoint, f"the default location (no --checkpoint, ${self.env_var} unset)"
 
     def _spec(self, args: argparse.Namespace) -> ModelSpec:
+        from pipeline.models.checkpoints import checkpoint_spec
+
         template = self.study.model
         checkpoint, source = self._checkpoint(args)
         chosen = {name: getattr(args, name) for name in self.model_options if getattr(args, name) not in (None, False)}
@@ -289,6 +309,9 @@ class ModelStudy:
 
     def _prompts(self, path: str | None, num_samples: int, smoke_test: bool) -> tuple[str, ...]:
         """The first ``num_samples`` prompts (train, then validation) of the prompt file."""
+        from ld3.models.stable_diffusion import load_prompts
+        from pipeline.models.smoke import SMOKE_PROMPTS
+
         if path is None and smoke_test:
             return tuple(SMOKE_PROMPTS[i % len(SMOKE_PROMPTS)] for i in range(num_samples))
         path = path or os.environ.get(self.prompts_env_var) or self.default_prompts

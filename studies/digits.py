@@ -20,21 +20,22 @@ import argparse
 import sys
 from dataclasses import replace
 
-from ld3.train import LD3Config
+from ld3.config import LD3Config
 from pipeline.cli import build_parser, main
-from pipeline.driver import StudyConfig
-from pipeline.evaluation.targets import EvaluationConfig
+from pipeline.evaluation.config import EvaluationConfig
 from pipeline.model_studies import balanced_class_ids
-from pipeline.models.registry import digits_spec
+from pipeline.models.spec import digits_spec
 from pipeline.search.space import SearchSpace, SolverChoice
-from pipeline.teacher.solve import TeacherConfig
+from pipeline.study_config import StudyConfig
+from pipeline.teacher.config import TeacherConfig
 
-NUM_SAMPLES, SEED = 100, 0  # 50 train + 50 validation teacher samples
+NUM_SAMPLES, SEED, N_CLASSES = 100, 0, 10  # 50 train + 50 validation teacher samples
+# The teacher's class labels (every class equally often, seeded order; drawn with torch) are set by make_config.
 STUDY = StudyConfig(
     name="digits",
     model=digits_spec(conditional=True),
     teacher=TeacherConfig(solver="unipc_bh1", order=3, nfe=20, discretization="edm_rho", num_samples=NUM_SAMPLES,
-                          batch_size=50, concurrency=2, conditions=balanced_class_ids(NUM_SAMPLES, 10, SEED)),
+                          batch_size=50, concurrency=2),
     solvers=(SolverChoice("unipc_bh1", 3), SolverChoice("ipndm", 4)),
     nfes=(4,),
     num_train=50,
@@ -64,8 +65,9 @@ def make_config(args: argparse.Namespace) -> StudyConfig:
     if args.guidance_scale != 1.0 and not conditional:
         raise ValueError("--guidance-scale needs the class-conditional model; drop --unconditional")
     name = "digits" + ("" if conditional else "-uncond") + ("" if args.guidance_scale == 1.0 else f"-cfg{args.guidance_scale:g}")
+    conditions = balanced_class_ids(NUM_SAMPLES, N_CLASSES, SEED) if conditional else None
     study = replace(STUDY, name=name, model=digits_spec(conditional=conditional, guidance_scale=args.guidance_scale),
-                    teacher=replace(STUDY.teacher, conditions=STUDY.teacher.conditions if conditional else None))
+                    teacher=replace(STUDY.teacher, conditions=conditions))
     if not args.smoke_test:
         return study
     return replace(
@@ -86,7 +88,7 @@ def make_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = build_parser(__doc__.splitlines()[0])
+    p = build_parser(__doc__.splitlines()[0], STUDY)
     p.add_argument("--unconditional", action="store_true", help="sample with the null label (no class conditioning)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale w (1: none)")
     return p

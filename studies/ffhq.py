@@ -12,13 +12,11 @@ NFE 20, EDM rho=7; 50 + 50 samples; LPIPS). A class-conditional pickle gets clas
 
 from __future__ import annotations
 
-import functools
 import sys
 
-from ld3.models.edm import EDM_RELEASE_URL
-from pipeline.model_studies import ModelStudy, pixel_study
-from pipeline.models.registry import ModelSpec
-from pipeline.models.smoke import tiny_edm_pickle
+from ld3.checkpoint_sources import EDM_RELEASE_URL
+from pipeline.model_studies import ModelStudy, SmokeCheckpoint, pixel_study
+from pipeline.models.spec import ModelSpec
 
 STUDY = pixel_study("ffhq", ModelSpec("edm", "edm-ffhq-64x64-uncond-vp"))
 SCRIPT = ModelStudy(
@@ -28,7 +26,7 @@ SCRIPT = ModelStudy(
     default_checkpoint="checkpoints/edm-ffhq-64x64-uncond-vp.pkl",
     how_to_get=f"download edm-ffhq-64x64-uncond-vp.pkl from {EDM_RELEASE_URL} on a machine with internet access",
     image_shape=(3, 64, 64),
-    smoke_checkpoint=functools.partial(tiny_edm_pickle, (3, 64, 64)),
+    smoke_checkpoint=SmokeCheckpoint("tiny_edm_pickle", {"image_shape": (3, 64, 64)}),
 )
 make_config = SCRIPT.make_config
 main = SCRIPT.main

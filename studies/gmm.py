@@ -14,12 +14,12 @@ import argparse
 import sys
 from dataclasses import replace
 
-from ld3.train import LD3Config
+from ld3.config import LD3Config
 from pipeline.cli import main
-from pipeline.driver import StudyConfig
-from pipeline.models.registry import gmm_spec
+from pipeline.models.spec import gmm_spec
 from pipeline.search.space import SearchSpace, SolverChoice
-from pipeline.teacher.solve import TeacherConfig
+from pipeline.study_config import StudyConfig
+from pipeline.teacher.config import TeacherConfig
 
 STUDY = StudyConfig(
     name="gmm",

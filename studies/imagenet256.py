@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models.registry import ModelSpec
-from pipeline.models.smoke import tiny_latent_pipeline
+from pipeline.model_studies import ModelStudy, SmokeCheckpoint, latent_study
+from pipeline.models.spec import ModelSpec
 
 STUDY = latent_study("imagenet256", ModelSpec("diffusers_latent", "dit-xl-2-256-cfg2", {"guidance_scale": 2.0}))
 SCRIPT = ModelStudy(
@@ -31,7 +30,7 @@ SCRIPT = ModelStudy(
     how_to_get="on a machine with internet access run `huggingface-cli download facebook/DiT-XL-2-256 "
                "--local-dir checkpoints/DiT-XL-2-256` (or save another class-conditional latent pipeline there)",
     image_shape=(3, 256, 256),
-    smoke_checkpoint=lambda: tiny_latent_pipeline(class_conditional=True),
+    smoke_checkpoint=SmokeCheckpoint("tiny_latent_pipeline", {"class_conditional": True}),
 )
 make_config = SCRIPT.make_config
 main = SCRIPT.main

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models.registry import ModelSpec
-from pipeline.models.smoke import tiny_latent_pipeline
+from pipeline.model_studies import ModelStudy, SmokeCheckpoint, latent_study
+from pipeline.models.spec import ModelSpec
 
 STUDY = latent_study("lsun_bedroom", ModelSpec("diffusers_latent", "ldm-lsun-bedroom-256-vq-f4"))
 SCRIPT = ModelStudy(
@@ -29,7 +28,7 @@ SCRIPT = ModelStudy(
     how_to_get="convert CompVis latent-diffusion's lsun_beds256 checkpoint (VQ-f4) into a diffusers pipeline folder "
                "(unet/, vqvae/, scheduler/) with diffusers' scripts/conversion_ldm_uncond.py",
     image_shape=(3, 256, 256),
-    smoke_checkpoint=tiny_latent_pipeline,
+    smoke_checkpoint=SmokeCheckpoint("tiny_latent_pipeline"),
 )
 make_config = SCRIPT.make_config
 main = SCRIPT.main

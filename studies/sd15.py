@@ -18,9 +18,8 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from pipeline.model_studies import ModelStudy, latent_study
-from pipeline.models.registry import ModelSpec
-from pipeline.models.smoke import tiny_stable_diffusion_pipeline
+from pipeline.model_studies import ModelStudy, SmokeCheckpoint, latent_study
+from pipeline.models.spec import ModelSpec
 
 _LATENT = latent_study("sd15", ModelSpec("stable_diffusion", "stable-diffusion-v1-5-cfg7.5",
                                          {"guidance_scale": 7.5, "gradient_checkpointing": True}))
@@ -43,7 +42,7 @@ SCRIPT = ModelStudy(
     how_to_get="on a machine with internet access run `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
                "--local-dir checkpoints/stable-diffusion-v1-5`",
     image_shape=(3, 512, 512),
-    smoke_checkpoint=tiny_stable_diffusion_pipeline,
+    smoke_checkpoint=SmokeCheckpoint("tiny_stable_diffusion_pipeline"),
     prompts_env_var="LD3_SD15_PROMPTS",
     default_prompts="checkpoints/captions_val2014.json",  # annotations/ of https://cocodataset.org's 2014 captions
 )

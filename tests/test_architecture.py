@@ -29,6 +29,7 @@ STAGES = (
     ("pipeline.search", "pipeline.progress", "pipeline.preflight"),
     ("pipeline.evaluation",),
     ("pipeline.summary",),
+    ("pipeline.study_config",),
     ("pipeline.driver",),
     ("pipeline.cli", "pipeline.export_cli", "pipeline.consumers"),
     ("pipeline.model_studies",),

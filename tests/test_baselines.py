@@ -11,7 +11,6 @@ import torch
 
 from ld3.baselines import (
     AYS_SIGMAS,
-    BASELINE_NAMES,
     GITSConfig,
     ays,
     cell_baselines,
@@ -23,6 +22,7 @@ from ld3.baselines import (
     named_grid,
     teacher_trajectory,
 )
+from ld3.catalog import BASELINE_NAMES
 from ld3.discretizations import edm_rho, logsnr_uniform
 from ld3.models.gmm import default_gmm
 from ld3.sampling import sample

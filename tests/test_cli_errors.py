@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cli
-from pipeline.driver import StudyConfig
+from pipeline import cli, driver
 from pipeline.errors import (
     CacheCorruptError,
     StudyError,
@@ -16,7 +15,8 @@ from pipeline.errors import (
     TrackingError,
     as_input_error,
 )
-from pipeline.models.registry import gmm_spec
+from pipeline.models.spec import gmm_spec
+from pipeline.study_config import StudyConfig
 
 
 def _config(args) -> StudyConfig:
@@ -27,7 +27,7 @@ def _run_raising(monkeypatch, error: BaseException) -> None:
     def run_study(study, options):
         raise error
 
-    monkeypatch.setattr(cli, "run_study", run_study)
+    monkeypatch.setattr(driver, "run_study", run_study)  # pipeline.cli imports it when a study runs
 
 
 @pytest.mark.parametrize("error", [StudyInputError, StudyError, TrackingError, CacheCorruptError,

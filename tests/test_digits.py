@@ -12,17 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ld3.digits.checkpoint import (
-    CLASSIFIER_FILE,
-    DENOISER_FILE,
-    SHIPPED,
-    CheckpointDigestError,
-    load_weights,
-    shipped_path,
-)
+from ld3.digits.checkpoint import CheckpointDigestError, load_weights
 from ld3.digits.data import HELD_OUT, N_CLASSES, SHAPE, load_split
 from ld3.digits.denoiser import DigitsDenoiser, load_digits_denoiser
 from ld3.digits.quality import DigitsQuality
+from ld3.digits.shipped import CLASSIFIER_FILE, DENOISER_FILE, SHIPPED, shipped_path
 from ld3.discretizations import get_baseline
 from ld3.losses import MissingWeightsError
 from ld3.models.base import classifier_free_guidance

@@ -31,7 +31,8 @@ from pipeline.evaluation.report import format_evaluation_table, record_evaluatio
 from pipeline.evaluation.sampling import check_evaluation, evaluate_schedules
 from pipeline.evaluation.targets import GRID_ARTIFACT, LEARNED, EvaluationConfig, ScheduleTarget, targets_from_exports
 from pipeline.evaluation.workers import exact_moments
-from pipeline.models.registry import ModelSpec, build_gmm, gmm_spec, register_model_builder
+from pipeline.models.registry import build_gmm, register_model_builder
+from pipeline.models.spec import ModelSpec, gmm_spec
 from pipeline.recording.exports import build_export, load_schedule, save_export
 from pipeline.recording.runs import StudyTracker, TrialLogger
 

@@ -24,7 +24,8 @@ from ray.cluster_utils import Cluster
 
 from pipeline.driver import StudyOptions, run_study
 from pipeline.evaluation.targets import GRID_ARTIFACT, EvaluationConfig
-from pipeline.models.registry import ModelSpec, build_gmm, register_model_builder
+from pipeline.models.registry import build_gmm, register_model_builder
+from pipeline.models.spec import ModelSpec
 from pipeline.recording.exports import load_schedule
 from pipeline.teacher.cache import TeacherCache
 

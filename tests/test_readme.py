@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ld3.discretizations import BASELINES
-from pipeline.models.registry import gmm_spec
+from pipeline.models.spec import gmm_spec
 from pipeline.recording.exports import build_export, save_export, study_exports_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -19,7 +19,8 @@ from ld3.sampling import schedule_loss
 from ld3.schedules import EDMSchedule
 from pipeline.cli import exit_code
 from pipeline.driver import StudyConfig, StudyOptions, run_study
-from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
+from pipeline.models.registry import LoadedModel, register_model_builder
+from pipeline.models.spec import ModelSpec
 from pipeline.recording.exports import load_schedule
 from pipeline.search.space import SearchSpace
 from pipeline.summary import _table_rows, format_table

@@ -28,7 +28,7 @@ from pipeline.driver import StudyOptions, run_study
 from pipeline.evaluation.report import format_evaluation_table
 from pipeline.evaluation.targets import FD_EXACT, LEARNED, EvaluationConfig, ScheduleTarget, targets_from_exports
 from pipeline.export_cli import main as export_cli
-from pipeline.models.registry import gmm_spec
+from pipeline.models.spec import gmm_spec
 from pipeline.recording.exports import load_schedule
 from pipeline.search.space import SearchSpace, SolverChoice, hyperparameters_to_config
 from pipeline.teacher.cache import TeacherCache

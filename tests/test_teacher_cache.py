@@ -14,7 +14,8 @@ import ray
 import torch
 
 from pipeline.errors import CacheCorruptError, TeacherGenerationError
-from pipeline.models.registry import LoadedModel, ModelSpec, build_gmm, register_model_builder
+from pipeline.models.registry import LoadedModel, build_gmm, register_model_builder
+from pipeline.models.spec import ModelSpec
 from pipeline.teacher.cache import TeacherCache, cache_key, load_teacher
 from pipeline.teacher.dataset import TeacherDataset
 from pipeline.teacher.solve import TeacherConfig, solve_teacher

@@ -3,7 +3,7 @@
 A safetensors file holds only tensors and a string header, so loading one runs no code. The config
 (``kind``, the network's constructor arguments, the preconditioning's σ_data, how it was trained) lives
 in the header's metadata. The files shipped in ``ld3/digits/weights/`` are checked against the digests
-in :data:`SHIPPED`; a file of your own is loaded as it is and its digest reported.
+in ``ld3.digits.shipped.SHIPPED``; a file of your own is loaded as it is and its digest reported.
 """
 
 from __future__ import annotations
@@ -19,22 +19,9 @@ from torch import nn
 from ld3.digits.networks import DigitsClassifier, DigitsUNet
 from ld3.losses import MissingWeightsError
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DENOISER_FILE, CLASSIFIER_FILE = "digits-edm.safetensors", "digits-classifier.safetensors"
-#: sha256 of the shipped files (written by ``python -m ld3.digits.train``; bench/RESULTS.md, "Digits model").
-SHIPPED: dict[str, str] = {
-    DENOISER_FILE: "2d6a4ee6ae01925197d2e706fd15d7c7ee20f2629d7824f6eaa22b2ae22ba0ff",
-    CLASSIFIER_FILE: "49b3518458546c2457dfacd3f516a8882a9fffe840406d9f62bd868bf4df44f4",
-}
-
 
 class CheckpointDigestError(ValueError):
     """A weights file's sha256 differs from the one it must have."""
-
-
-def shipped_path(name: str) -> Path:
-    """Path of a shipped weights file (DENOISER_FILE or CLASSIFIER_FILE)."""
-    return WEIGHTS_DIR / name
 
 
 def save_weights(path: str | Path, module: nn.Module, config: dict[str, Any]) -> str:

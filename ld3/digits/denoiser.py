@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ld3.digits.checkpoint import DENOISER_FILE, SHIPPED, build_network, shipped_path
+from ld3.digits.checkpoint import build_network
 from ld3.digits.data import SHAPE
 from ld3.digits.networks import DigitsUNet
+from ld3.digits.shipped import DENOISER_FILE, SHIPPED, shipped_path
 from ld3.models.base import DenoiserAdapter, classifier_free_guidance, expand_condition
 from ld3.schedules import EDMSchedule
 

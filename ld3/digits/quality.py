@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ld3.digits.checkpoint import CLASSIFIER_FILE, SHIPPED, build_network, shipped_path
+from ld3.digits.checkpoint import build_network
 from ld3.digits.data import load_split
+from ld3.digits.shipped import CLASSIFIER_FILE, SHIPPED, shipped_path
 from ld3.metrics import frechet_distance, gaussian_moments
 
 

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ld3.digits.checkpoint import CLASSIFIER_FILE, DENOISER_FILE, save_weights
+from ld3.digits.checkpoint import save_weights
 from ld3.digits.data import load_split
 from ld3.digits.denoiser import DigitsDenoiser
 from ld3.digits.networks import CLASSIFIER_DEFAULTS, UNET_DEFAULTS, DigitsClassifier, DigitsUNet
+from ld3.digits.shipped import CLASSIFIER_FILE, DENOISER_FILE
 
 
 def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:

@@ -41,14 +41,12 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
+from ld3.checkpoint_sources import EDM_RELEASE_URL, TRUST_ENV_VAR, TRUST_FLAG
 from ld3.losses import MissingWeightsError
 from ld3.models.base import DenoiserAdapter, expand_condition, freeze
 from ld3.schedules import EDMSchedule
 
-EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 TRUST_WARNING = "a pickle runs arbitrary code when loaded (EDM pickles execute their embedded source): load only trusted files"
-TRUST_ENV_VAR = "LD3_TRUST_CHECKPOINT_CODE"
-TRUST_FLAG = "--trust-checkpoint-code"
 _PERSISTENCE_VERSION = 6  # version of EDM's torch_utils.persistence format that the release files use
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ld3.checkpoint_sources import SD_EXAMPLE_REPO
 from ld3.models.base import freeze
 from ld3.models.diffusers_models import (
     DiffusersDenoiser,
@@ -30,7 +31,6 @@ from ld3.models.diffusers_models import (
     schedule_from_scheduler_config,
 )
 
-SD_EXAMPLE_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _SD_COMPONENTS = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
                   "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}

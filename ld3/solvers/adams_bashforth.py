@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ld3.catalog import coefficient_shape
+
 from .base import (
     Denoiser,
     accumulate,
@@ -25,7 +27,6 @@ from .base import (
     zero_sum_corrections,
 )
 
-IPNDM_ORDERS = (1, 2, 3, 4)
 ADAMS_BASHFORTH = {
     1: (1.0,),
     2: (3 / 2, -1 / 2),
@@ -46,17 +47,17 @@ def ipndm(
 ) -> Tensor:
     """iPNDM of the given order (1-4); NFE = N. Decoupled timesteps: eps_i = (x_i - D(x_i, sigma'_i)) / sigma'_i.
 
-    ``coefficients``: optional [N, order] learned corrections (``ipndm_coefficient_slots``); step i adds
+    ``coefficients``: optional [N, order] learned corrections (``ld3.catalog.coefficient_shape``); step i adds
     ``(sigma_{i+1} - sigma_i) delta_{i,j}`` to the weight of eps_{i-j}, delta the zero-sum projection of row i.
     """
-    sigmas, sigmas_eval = prepare_grids("ipndm", x, sigmas, sigmas_eval, order, IPNDM_ORDERS)
+    sigmas, sigmas_eval = prepare_grids("ipndm", x, sigmas, sigmas_eval, order)
     n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=False)
     step_sizes = sigmas[1:] - sigmas[:-1]
     # Python-float coefficients times the step sizes: no host-to-device copy.
     weights = {p: torch.stack([c * step_sizes for c in ADAMS_BASHFORTH[p]], dim=1) for p in range(1, order + 1)}
     if coefficients is not None:
-        raw = prepare_coefficients("ipndm", x, coefficients, (n_steps, ipndm_coefficient_slots(order)))
+        raw = prepare_coefficients("ipndm", x, coefficients, coefficient_shape("ipndm", n_steps, order))
         delta = zero_sum_corrections(raw, orders)
         weights = {p: corrected_weights(w, delta, step_sizes) for p, w in weights.items()}
     evals = sigmas_eval.unbind()
@@ -66,7 +67,3 @@ def ipndm(
         x = accumulate(x, weights[step_order][i].unbind(), history[:step_order])
     return x
 
-
-def ipndm_coefficient_slots(order: int) -> int:
-    """Learned corrections per step: one per eps in the step's history (the first ``p`` are used at order p)."""
-    return order

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ld3.catalog import check_order
+
 
 class Denoiser(Protocol):
     """``D(x, sigma, cond) -> x0_hat`` in EDM form, ``sigma`` of shape [B] in x's dtype."""
@@ -42,12 +44,6 @@ class Solver(Protocol):
         order: int = ...,
         cond: Any = None,
     ) -> Tensor: ...
-
-
-def check_order(solver: str, order: int, supported: Sequence[int]) -> None:
-    """Raise ValueError unless ``order`` is one of the solver's ``supported`` orders."""
-    if isinstance(order, bool) or not isinstance(order, int) or order not in supported:
-        raise ValueError(f"order={order!r} is not supported by {solver}; choose one of {tuple(supported)}")
 
 
 def _check_shapes(x: Tensor, sigmas: Tensor, sigmas_eval: Tensor) -> None:
@@ -111,7 +107,6 @@ def prepare_grids(
     sigmas: Tensor,
     sigmas_eval: Tensor | None,
     order: int,
-    supported_orders: Sequence[int],
 ) -> tuple[Tensor, Tensor]:
     """Validate a solver call; return ``(sigmas, sigmas_eval)`` in x's dtype and on x's device, in the step-major
     layout (module docstring): [N+1] as given, or [B, N+1] per-sample grids as [N+1, B, 1, ..., 1].
@@ -120,7 +115,7 @@ def prepare_grids(
     so the result is bit-identical to passing ``sigmas_eval=sigmas``. Casting is differentiable.
     The values are checked after the cast (a grid strictly decreasing in float64 may not be in float32).
     """
-    check_order(solver, order, supported_orders)
+    check_order(solver, order)  # the solver's orders: ld3.catalog.SOLVER_TABLE
     if sigmas_eval is None:
         sigmas_eval = sigmas
     _check_shapes(x, sigmas, sigmas_eval)

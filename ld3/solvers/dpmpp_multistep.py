@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ld3.catalog import coefficient_shape
+
 from .base import (
     Denoiser,
     accumulate,
@@ -31,7 +33,6 @@ from .base import (
     zero_sum_corrections,
 )
 
-DPMPP_ORDERS = (1, 2, 3)
 # Like the DPM-Solver reference sampler: lower orders on the final steps only for short grids.
 LOWER_ORDER_FINAL_BELOW_STEPS = 10
 
@@ -79,15 +80,15 @@ def dpmpp(
 
     Warm start with lower orders; on grids of fewer than 10 steps the last steps also drop to lower
     orders (``lower_order_final``). Decoupled timesteps: D_i = D(x_i, sigma'_i); weights use sigmas only.
-    ``coefficients``: optional [N, order] learned corrections (``dpmpp_coefficient_slots``), scaled by each
+    ``coefficients``: optional [N, order] learned corrections (``ld3.catalog.coefficient_shape``), scaled by each
     step's weight sum 1 - e^{-h_i} and projected to zero sum per step.
     """
-    sigmas, sigmas_eval = prepare_grids("dpmpp", x, sigmas, sigmas_eval, order, DPMPP_ORDERS)
+    sigmas, sigmas_eval = prepare_grids("dpmpp", x, sigmas, sigmas_eval, order)
     n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=n_steps < LOWER_ORDER_FINAL_BELOW_STEPS)
     weights = dpmpp_weights(sigmas, max(orders))
     if coefficients is not None:
-        raw = prepare_coefficients("dpmpp", x, coefficients, (n_steps, dpmpp_coefficient_slots(order)))
+        raw = prepare_coefficients("dpmpp", x, coefficients, coefficient_shape("dpmpp", n_steps, order))
         delta = zero_sum_corrections(raw, orders)
         phi1 = (sigmas[:-1] - sigmas[1:]) / sigmas[:-1]
         weights = [corrected_weights(w, delta, phi1) for w in weights]
@@ -99,7 +100,3 @@ def dpmpp(
         x = accumulate(decays[i] * x, weights[step_order - 1][i].unbind(), history[:step_order])
     return x
 
-
-def dpmpp_coefficient_slots(order: int) -> int:
-    """Learned corrections per step: one per stored D (the first ``p`` are used at order p)."""
-    return order

@@ -13,10 +13,6 @@ from torch import Tensor
 
 from .base import Denoiser, accumulate, noise_prediction, prepare_grids
 
-EULER_ORDERS = (1,)
-HEUN_ORDERS = (2,)
-DPM_SOLVER_2_ORDERS = (2,)
-
 
 def euler(
     denoiser: Denoiser,
@@ -31,7 +27,7 @@ def euler(
 
     ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * eps(x_i, sigma'_i)``.
     """
-    sigmas, sigmas_eval = prepare_grids("euler", x, sigmas, sigmas_eval, order, EULER_ORDERS)
+    sigmas, sigmas_eval = prepare_grids("euler", x, sigmas, sigmas_eval, order)
     step_sizes = (sigmas[1:] - sigmas[:-1]).unbind()
     for step_size, sigma_eval in zip(step_sizes, sigmas_eval.unbind()):
         x = torch.addcmul(x, step_size, noise_prediction(denoiser, x, sigma_eval, cond))
@@ -52,7 +48,7 @@ def heun(
     Decoupled timesteps: the Euler predictor lands on the step point sigma_{i+1}, and its slope is
     evaluated at that point's evaluation sigma'_{i+1}, exactly as the next step would evaluate it.
     """
-    sigmas, sigmas_eval = prepare_grids("heun", x, sigmas, sigmas_eval, order, HEUN_ORDERS)
+    sigmas, sigmas_eval = prepare_grids("heun", x, sigmas, sigmas_eval, order)
     step_sizes = sigmas[1:] - sigmas[:-1]
     half_steps = (0.5 * step_sizes).unbind()
     evals = sigmas_eval.unbind()
@@ -82,7 +78,7 @@ def dpm_solver_2(
     ``sigma'_mid = sqrt(sigma'_i sigma'_{i+1})`` (shifted like its endpoints; equal to sigma_mid when
     sigmas_eval == sigmas).
     """
-    sigmas, sigmas_eval = prepare_grids("dpm_solver_2", x, sigmas, sigmas_eval, order, DPM_SOLVER_2_ORDERS)
+    sigmas, sigmas_eval = prepare_grids("dpm_solver_2", x, sigmas, sigmas_eval, order)
     mids = torch.sqrt(sigmas[:-1] * sigmas[1:])
     mids_eval = torch.sqrt(sigmas_eval[:-1] * sigmas_eval[1:]).unbind()
     to_mid = (mids - sigmas[:-1]).unbind()

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ld3.catalog import coefficient_shape
+
 from .base import (
     Denoiser,
     accumulate,
@@ -35,8 +37,6 @@ from .base import (
     step_orders,
     zero_sum_corrections,
 )
-
-UNIPC_ORDERS = (1, 2, 3)
 
 
 def solve_vandermonde(nodes: Tensor, rhs: Tensor) -> Tensor:
@@ -103,11 +103,6 @@ def unipc_weights(sigmas: Tensor, orders: Iterable[int], variant: str) -> dict[i
     return weights
 
 
-def unipc_coefficient_slots(order: int) -> int:
-    """Learned corrections per step: ``order`` for the predictor's D_i, D_{i-1}, ..., then ``order + 1`` for the
-    corrector's (the same and D~_{i+1}); an order-p step uses the first p and p + 1 of each."""
-    return 2 * order + 1
-
 
 def _corrected_unipc_weights(weights: dict[int, tuple[Tensor, Tensor]], raw: Tensor, orders: list[int],
                              order: int, phi1: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
@@ -129,12 +124,12 @@ def _unipc(
     coefficients: Tensor | None,
 ) -> Tensor:
     name = f"unipc_{variant}"
-    sigmas, sigmas_eval = prepare_grids(name, x, sigmas, sigmas_eval, order, UNIPC_ORDERS)
+    sigmas, sigmas_eval = prepare_grids(name, x, sigmas, sigmas_eval, order)
     n_steps = sigmas.shape[0] - 1
     orders = step_orders(n_steps, order, lower_order_final=True)
     weights = unipc_weights(sigmas, set(orders), variant)
     if coefficients is not None:
-        raw = prepare_coefficients(name, x, coefficients, (n_steps, unipc_coefficient_slots(order)))
+        raw = prepare_coefficients(name, x, coefficients, coefficient_shape(name, n_steps, order))
         phi1 = (sigmas[:-1] - sigmas[1:]) / sigmas[:-1]
         weights = _corrected_unipc_weights(weights, raw, orders, order, phi1)
     decays = (sigmas[1:] / sigmas[:-1]).unbind()
@@ -166,7 +161,7 @@ def unipc_bh1(
 
     UniC on every step but the last; warm start and final steps with lower orders (``lower_order_final``).
     Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only. ``coefficients``: optional
-    [N, 2 order + 1] learned corrections (``unipc_coefficient_slots``).
+    [N, 2 order + 1] learned corrections (``ld3.catalog.coefficient_shape``).
     """
     return _unipc("bh1", denoiser, x, sigmas, sigmas_eval, order, cond, coefficients)
 
@@ -185,6 +180,6 @@ def unipc_bh2(
 
     UniC on every step but the last; warm start and final steps with lower orders (``lower_order_final``).
     Decoupled timesteps: D_i = D(x_i, sigma'_i); coefficients use sigmas only. ``coefficients``: optional
-    [N, 2 order + 1] learned corrections (``unipc_coefficient_slots``).
+    [N, 2 order + 1] learned corrections (``ld3.catalog.coefficient_shape``).
     """
     return _unipc("bh2", denoiser, x, sigmas, sigmas_eval, order, cond, coefficients)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ld3.baselines import AYS_MODEL_OF_FAMILY
+from pipeline.evaluation.config import EvaluationConfig
 from pipeline.evaluation.sampling import evaluate_schedules
 from pipeline.evaluation.targets import (
     CLASS_ACCURACY,
@@ -23,12 +24,11 @@ from pipeline.evaluation.targets import (
     GRID_ARTIFACT,
     LEARNED,
     NUM_SAMPLES,
-    EvaluationConfig,
     EvaluationResult,
     ScheduleEvaluation,
     targets_from_exports,
 )
-from pipeline.models.registry import ModelSpec
+from pipeline.models.spec import ModelSpec
 from pipeline.recording.exports import load_schedule, save_export
 from pipeline.recording.plots import grid_image
 from pipeline.recording.runs import Client, StudyTracker, log_to_run

@@ -32,20 +32,20 @@ from tqdm.auto import tqdm
 from ld3.metrics import frechet_distance
 from pipeline.actor_pool import map_on_actor_pool
 from pipeline.errors import StudyInputError
+from pipeline.evaluation.config import EvaluationConfig
 from pipeline.evaluation.targets import (
     CLASS_ACCURACY,
     FD_CLASSIFIER,
     FD_EXACT,
     FID,
     NUM_SAMPLES,
-    EvaluationConfig,
     EvaluationResult,
     ScheduleEvaluation,
     ScheduleTarget,
     fid_module,
 )
 from pipeline.evaluation.workers import _Partial, _SampleStatsWorker, evaluation_requests
-from pipeline.models.registry import ModelSpec
+from pipeline.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from ld3.fid import FeatureStats, FeatureStatsAccumulator

@@ -22,7 +22,8 @@ from ld3.utils import latents_from_seeds
 from pipeline.actor_pool import request_blocks
 from pipeline.devices import worker_device
 from pipeline.errors import StudyInputError
-from pipeline.evaluation.targets import EvaluationConfig, ScheduleTarget, fid_module
+from pipeline.evaluation.config import EvaluationConfig
+from pipeline.evaluation.targets import ScheduleTarget, fid_module
 from pipeline.models.registry import ConditionValue, LoadedModel
 
 if TYPE_CHECKING:

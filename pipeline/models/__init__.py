@@ -1,7 +1,4 @@
-"""Models: the picklable ``ModelSpec`` and its builder registry (registry), the builders of every family
-(families: the embedded GMM and digits model, EDM pickles, diffusers, Stable Diffusion), checkpoint digests
-(checkpoints) and the tiny random checkpoints of ``--smoke-test`` (smoke).
-
-Importing the package registers every family's builder."""
-
-from pipeline.models import families  # noqa: F401 - registers the builders of the paper's families
+"""Models: the picklable ``ModelSpec`` (spec: plain data, no torch), the builder registry (registry), the builders
+of every family (families: the embedded GMM and digits model, EDM pickles, diffusers, Stable Diffusion; registered
+when a spec is first resolved), checkpoint digests (checkpoints) and the tiny random checkpoints of
+``--smoke-test`` (smoke)."""

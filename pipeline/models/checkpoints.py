@@ -1,4 +1,4 @@
-"""Checkpoints as model specs: :func:`checkpoint_spec` makes the :class:`~pipeline.models.registry.ModelSpec`
+"""Checkpoints as model specs: :func:`checkpoint_spec` makes the :class:`~pipeline.models.spec.ModelSpec`
 of a checkpoint of a family (pipeline.models.families): it checks that the path fits the family and records
 :func:`checkpoint_digest` (sha256 of the file, or of a pipeline folder's component files), so the teacher
 cache key changes whenever the weights do. Digests are computed once per file and cached in
@@ -16,14 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ld3.checkpoint_sources import EDM_RELEASE_URL, SD_EXAMPLE_REPO
 from ld3.losses import MissingWeightsError
 from ld3.models.diffusers_models import resolve_pretrained_folder
-from ld3.models.edm import EDM_RELEASE_URL
-from ld3.models.stable_diffusion import SD_EXAMPLE_REPO
 from ld3.utils import user_cache_dir
 from pipeline.fileio import atomic_write_text
 from pipeline.models.families import FAMILY_BUILDERS
-from pipeline.models.registry import ModelSpec
+from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ld3.checkpoint_sources import WEIGHTS_DTYPE_NAMES
 from ld3.models.base import DenoiserAdapter
 from ld3.models.diffusers_models import (
     load_latent_diffusion,
@@ -46,7 +47,7 @@ from pipeline.models.registry import (
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WEIGHTS_DTYPE_NAMES}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,5 @@
-"""Model specs: a small, picklable description of a denoiser that any Ray worker can rebuild.
-
-A :class:`ModelSpec` names a model *family* (a key of :data:`MODEL_BUILDERS`), a human-readable id,
-the JSON-serialisable keyword arguments of the family's builder and the digest of its weights. It is
-what the teacher cache hashes (the model never has to be built to look data up) and what Ray actors
-receive: each actor calls the builder once in its constructor (docs/design.md).
+"""The model builders: what a built model is (:class:`LoadedModel`) and the registry that turns a
+``pipeline.models.spec.ModelSpec`` family into one (:data:`MODEL_BUILDERS`).
 
 A builder is ``builder(*, device, dtype, **kwargs) -> LoadedModel``. Families register themselves
 with :func:`register_model_builder`; the embedded Gaussian mixture is registered here as ``"gmm"``.
@@ -11,10 +7,8 @@ with :func:`register_model_builder`; the embedded Gaussian mixture is registered
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -96,50 +90,6 @@ def get_model_builder(family: str) -> ModelBuilder:
         ) from None
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model is, independent of where it runs; everything here enters the teacher cache key."""
-
-    family: str  # key of MODEL_BUILDERS, e.g. "gmm"
-    model_id: str  # human-readable id, e.g. "gmm-seed0" or "edm-cifar10-uncond-vp"
-    kwargs: Mapping[str, Any] = field(default_factory=dict)  # JSON-serialisable builder arguments
-    checkpoint_digest: str | None = None  # sha256 of the weights file; None when there are no weights
-
-    def __post_init__(self) -> None:
-        if not self.family or not isinstance(self.family, str):
-            raise ValueError(f"ModelSpec.family must be a non-empty string, got {self.family!r}")
-        if not self.model_id or not isinstance(self.model_id, str):
-            raise ValueError(f"ModelSpec.model_id must be a non-empty string, got {self.model_id!r}")
-        try:
-            json.dumps(dict(self.kwargs), sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"ModelSpec.kwargs must be JSON-serialisable (they are hashed into the cache key): {err}; "
-                "pass numbers, strings, lists or dicts and build tensors inside the builder"
-            ) from None
-
-    def describe(self) -> dict[str, Any]:
-        """Plain-JSON description (cache key material and dataset metadata)."""
-        return {
-            "family": self.family,
-            "model_id": self.model_id,
-            "kwargs": json.loads(json.dumps(dict(self.kwargs), sort_keys=True)),
-            "checkpoint_digest": self.checkpoint_digest,
-        }
-
-    def resolve(self) -> Callable[..., LoadedModel]:
-        """The builder bound to this spec's kwargs: ``resolve()(device=, dtype=)``.
-
-        Resolved in the calling process, so families registered by a study script also reach Ray
-        workers (the bound builder is pickled along with the actor).
-        """
-        return functools.partial(get_model_builder(self.family), **self.kwargs)
-
-    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-        """Build the model in this process."""
-        return self.resolve()(device=torch.device(device), dtype=dtype)
-
-
 def build_gmm(
     *,
     device: torch.device,
@@ -154,11 +104,6 @@ def build_gmm(
     """The embedded exact Gaussian-mixture model on an EDM schedule (ld3.models.gmm.default_gmm)."""
     gmm = default_gmm(seed=seed, shape=shape, n_components=n_components, n_classes=n_classes, dtype=dtype, device=device)
     return LoadedModel(denoiser=gmm, schedule=EDMSchedule(sigma_min, sigma_max), shape=gmm.shape)
-
-
-def gmm_spec(seed: int = 0, **kwargs: Any) -> ModelSpec:
-    """Spec of the embedded default model; ``kwargs`` go to :func:`build_gmm`."""
-    return ModelSpec(family="gmm", model_id=f"gmm-seed{seed}", kwargs={"seed": seed, **kwargs})
 
 
 register_model_builder("gmm", build_gmm)
@@ -200,17 +145,6 @@ def build_digits(*, device: torch.device, dtype: torch.dtype, conditional: bool 
     denoiser = load_digits_denoiser(denoiser_weights, conditional=conditional, guidance_scale=guidance_scale, device=device)
     quality = DigitsSampleQuality(DigitsQuality(classifier_weights, device=device), conditional)
     return LoadedModel(denoiser=denoiser, schedule=denoiser.schedule, shape=denoiser.shape, quality=quality)
-
-
-def digits_spec(*, conditional: bool = True, guidance_scale: float = 1.0) -> ModelSpec:
-    """Spec of the shipped digits model; its weights' digest enters the teacher cache key."""
-    from ld3.digits.checkpoint import DENOISER_FILE, SHIPPED
-
-    variant = "cond" if conditional else "uncond"
-    variant += "" if guidance_scale == 1.0 else f"-cfg{guidance_scale:g}"
-    return ModelSpec(family="digits", model_id=f"digits-{variant}",
-                     kwargs={"conditional": conditional, "guidance_scale": guidance_scale},
-                     checkpoint_digest=SHIPPED[DENOISER_FILE])
 
 
 register_model_builder("digits", build_digits)

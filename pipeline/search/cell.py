@@ -20,7 +20,7 @@ FD_KEYS = ("fd_exact", "fd_classifier")  # the sample-quality distances among th
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """What the search stage needs of a study (``StudyConfig.search_settings()``): the data split, the trainer's
+    """What the search stage needs of a study (``pipeline.driver.search_settings``): the data split, the trainer's
     base config and space, the Tune budget and each trial's resources."""
 
     model_id: str

@@ -1,34 +1,33 @@
 """What the search explores: the solver of a cell, Optuna's define-by-run space over LD3's hyperparameters
-(docs/design.md#the-search-space), and the one boundary where a trial's sampled dict becomes an ``LD3Config``."""
+(docs/design.md#the-search-space), and the one boundary where a trial's sampled dict becomes an ``LD3Config``.
+Plain data: importing it loads neither torch nor Optuna (a study's config is built from it at import)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
+from ld3.catalog import check_order, solver_info, solver_steps_for_nfe
+from ld3.config import LD3Config
 
-from ld3.solvers import SOLVERS, solver_steps_for_nfe
-from ld3.solvers.base import check_order
-from ld3.solvers.registry import get_spec
-from ld3.train import LD3Config
+if TYPE_CHECKING:
+    import optuna
 
 INITS = ("uniform", "best_baseline")
 
 
 @dataclass(frozen=True)
 class SolverChoice:
-    """A solver of ``ld3.solvers`` and its order."""
+    """A solver of ``ld3.solvers`` (by its name in ``ld3.catalog.SOLVER_TABLE``) and its order."""
 
     name: str
     order: int
 
     def __post_init__(self) -> None:
-        if self.name not in SOLVERS:
-            raise ValueError(f"unknown solver {self.name!r}; choose one of {sorted(SOLVERS)}")
-        check_order(self.name, self.order, get_spec(self.name).orders)
+        solver_info(self.name)  # a ValueError listing the solvers
+        check_order(self.name, self.order)
 
     @property
     def label(self) -> str:

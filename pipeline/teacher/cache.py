@@ -41,7 +41,7 @@ import ld3
 from pipeline.actor_pool import map_on_actor_pool, request_blocks
 from pipeline.devices import worker_device
 from pipeline.errors import CacheCorruptError, TeacherGenerationError
-from pipeline.models.registry import ModelSpec
+from pipeline.models.spec import ModelSpec
 from pipeline.teacher.dataset import TeacherDataset, column_layout, dataset_from_table, teacher_table
 from pipeline.teacher.solve import NonFiniteTeacherError, TeacherConfig, solve_teacher
 from pipeline.teacher.store import (
