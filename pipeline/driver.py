@@ -28,7 +28,7 @@ import torch
 from ld3.models.edm import TRUST_ENV_VAR, code_trusted
 from ld3.schedules import NoiseSchedule
 from ld3.solvers import coefficient_shape
-from ld3.train import LD3Config
+from ld3.train import BUNDLE_SHARED_FIELDS, LD3Config
 from pipeline.errors import as_input_error
 from pipeline.evaluation.report import record_evaluation
 from pipeline.evaluation.sampling import check_evaluation, evaluate_schedules
@@ -72,6 +72,7 @@ class StudyConfig:
     fd_samples: int = 2000  # samples for the exact data-space Fréchet distance (GMM models only)
     eval_batch_size: int = 256
     seed: int = 0  # seeds Optuna's TPE sampler
+    trials_per_bundle: int = 1  # K > 1: K trials train in one batched solve (LD3Bundle) on one bundle worker
     evaluation: EvaluationConfig | None = None  # sample quality (FID / exact FD) after the search; None skips it
 
     def __post_init__(self) -> None:
@@ -97,6 +98,27 @@ class StudyConfig:
             raise ValueError("StudyConfig.cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if True in self.search.learn_coefficients:
             self._check_learnable_coefficients()
+        self._check_bundles()
+
+    def _check_bundles(self) -> None:
+        """Batched trials (docs/design.md#batched-trials) need bundles inside one batch of max_concurrent trials
+        and trials that agree on ``BUNDLE_SHARED_FIELDS`` and learn no coefficients."""
+        k = self.trials_per_bundle
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"StudyConfig.trials_per_bundle must be an integer >= 1, got {k!r}")
+        if k == 1:
+            return
+        if self.max_concurrent % k:
+            raise ValueError(f"trials_per_bundle {k} must divide max_concurrent {self.max_concurrent} (a bundle's trials "
+                             f"run together, in one batch of max_concurrent); e.g. --max-concurrent {k}")
+        if True in self.search.learn_coefficients or self.trainer.learn_coefficients:
+            raise ValueError(f"trials_per_bundle {k} cannot learn solver coefficients (an LD3Bundle of several trials "
+                             "takes one set per solve); use --learn-coefficients off or trials_per_bundle 1")
+        varied = sorted(self.search.varied_fields() & set(BUNDLE_SHARED_FIELDS))
+        if varied:
+            raise ValueError(f"trials_per_bundle {k} needs the trials of a bundle to share {', '.join(varied)}, but the "
+                             "search space varies them; give them one value each in the SearchSpace (e.g. "
+                             "rounds_v1=(2, 2), train_batch_sizes=(2,)) or use trials_per_bundle 1")
 
     def _check_learnable_coefficients(self) -> None:
         """Every solver of the study has coefficients to learn, and the trainer accepts learning them."""
@@ -115,7 +137,7 @@ class StudyConfig:
             num_trials=self.num_trials, max_concurrent=self.max_concurrent, cpus_per_trial=self.cpus_per_trial,
             gpus_per_trial=self.gpus_per_trial, asha_grace_epochs=self.asha_grace_epochs,
             asha_reduction_factor=self.asha_reduction_factor, fd_samples=self.fd_samples,
-            eval_batch_size=self.eval_batch_size, seed=self.seed)
+            eval_batch_size=self.eval_batch_size, seed=self.seed, trials_per_bundle=self.trials_per_bundle)
 
     def evaluation_config(self) -> EvaluationConfig | None:
         """The evaluation stage's settings; unconditional settings of a conditional teacher take its conditions."""
@@ -346,7 +368,8 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
     return {"model": study.model.describe(), "teacher": study.teacher.data_settings(),
             "solvers": [s.label for s in study.solvers], "nfes": list(study.nfes), "num_train": study.num_train,
             "num_validation": study.num_validation, "num_trials": study.num_trials, "trainer": asdict(study.trainer),
-            "search": asdict(study.search), "seed": study.seed}
+            "search": asdict(study.search), "seed": study.seed,
+            **({"trials_per_bundle": study.trials_per_bundle} if study.trials_per_bundle > 1 else {})}
 
 
 def evaluate_study(study: StudyConfig, cells: Sequence[CellResult], tracker: StudyTracker,
