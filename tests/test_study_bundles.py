@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 
 from ld3.models.gmm import default_gmm
 from ld3.schedules import EDMSchedule
-from ld3.train import LD3Config, TeacherData, train_ld3
+from ld3.train import BUNDLE_SHARED_FIELDS, LD3Config, TeacherData, train_ld3
 from pipeline.cli import exit_code, main
 from pipeline.driver import StudyConfig, StudyOptions, run_study
+from pipeline.model_studies import GPU_TRIALS_PER_BUNDLE, bundled_study
 from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
 from pipeline.recording.exports import load_schedule
 from pipeline.search.space import SearchSpace
@@ -161,3 +162,17 @@ def test_dry_run_shows_the_bundles(tmp_path, capsys):
     make_config = lambda args: replace(gmm_study.make_config(args), search=BUNDLED_SPACE)  # noqa: E731
     assert main(make_config, "test", argv) == 0
     assert "2 trials each, 2 at once, 2 per bundle (one batched solve)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, k", [(["--cuda-graphs", "--gpus-per-trial", "1"], GPU_TRIALS_PER_BUNDLE),
+                                      (["--cuda-graphs"], 1), (["--trials-per-bundle", "4"], 4)])
+def test_gpu_studies_bundle_their_trials_with_cuda_graphs(flags, k, tmp_path):
+    import cifar10
+
+    argv = ["--smoke-test", "--address", "auto", "--storage-dir", str(tmp_path), *flags]
+    config = cifar10.make_config(cifar10.SCRIPT.parser().parse_args(argv))
+    assert config.trials_per_bundle == k
+    if k > 1:
+        assert config.max_concurrent == k and not config.search.varied_fields() & set(BUNDLE_SHARED_FIELDS)
+    full = bundled_study(cifar10.STUDY, GPU_TRIALS_PER_BUNDLE)  # the full recipe bundles too (it checked itself)
+    assert (full.search.rounds_v1, full.search.rounds_v2, full.gpus_per_trial) == ((2, 2), (5, 5), 1.0)
