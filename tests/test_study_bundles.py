@@ -119,7 +119,8 @@ def _dying_gmm(*, device, dtype, marker: str) -> LoadedModel:
 def test_a_dying_bundle_worker_fails_its_trials_in_one_line_and_a_rerun_completes(local_ray, tmp_path):
     marker = tmp_path / "died"
     register_model_builder("dying-gmm-test", lambda **kw: _dying_gmm(marker=str(marker), **kw), replace=True)
-    study, opts = bundled_config(name="dying", model=ModelSpec("dying-gmm-test", "dying-gmm")), options(tmp_path)
+    study = bundled_config(name="dying", model=ModelSpec("dying-gmm-test", "dying-gmm"), fd_samples=0)
+    opts = options(tmp_path)
     result = run_study(study, opts)
     assert marker.exists()
     (cell,) = result.cells
