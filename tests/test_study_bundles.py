@@ -21,9 +21,11 @@ from ld3.schedules import EDMSchedule
 from ld3.train import BUNDLE_SHARED_FIELDS, LD3Config, TeacherData, train_ld3
 from pipeline.cli import exit_code, main
 from pipeline.driver import StudyConfig, StudyOptions, run_study
+from pipeline.errors import StudyError
 from pipeline.model_studies import GPU_TRIALS_PER_BUNDLE, bundled_study
 from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
 from pipeline.recording.exports import load_schedule
+from pipeline.search.bundles import bundle_member
 from pipeline.search.space import SearchSpace
 from pipeline.teacher.cache import TeacherCache
 
@@ -177,3 +179,8 @@ def test_gpu_studies_bundle_their_trials_with_cuda_graphs(flags, k, tmp_path):
         assert config.max_concurrent == k and not config.search.varied_fields() & set(BUNDLE_SHARED_FIELDS)
     full = bundled_study(cifar10.STUDY, GPU_TRIALS_PER_BUNDLE)  # the full recipe bundles too (it checked itself)
     assert (full.search.rounds_v1, full.search.rounds_v2, full.gpus_per_trial) == ((2, 2), (5, 5), 1.0)
+
+
+def test_a_trial_without_a_bundle_cannot_resume_as_a_member():
+    with pytest.raises(StudyError, match="created by a study without bundles"):
+        bundle_member({"lr1": 0.01}, ctx=None)

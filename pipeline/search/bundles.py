@@ -256,6 +256,9 @@ def bundle_coordinator(ctx: CellContext, expected: Mapping[int, int]) -> Iterato
 
 def bundle_member(params: dict[str, Any], ctx: CellContext) -> None:
     """Ray Tune function trainable of a bundled cell: one member of a bundle (module docstring)."""
+    if BUNDLE_KEY not in params:
+        raise StudyError("this trial was created by a study without bundles (trials_per_bundle 1); resume it with "
+                         "the same --trials-per-bundle, or start anew with --no-resume")
     config = trial_config(params, ctx)
     run = start_trial_run(ctx, config, {TAG_BUNDLE: str(params[BUNDLE_KEY])})
     with recorded_end(run):
