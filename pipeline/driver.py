@@ -39,6 +39,7 @@ from pipeline.progress import StudyProgress
 from pipeline.recording.exports import SaveOutcome, build_export, save_best_export, study_exports_dir
 from pipeline.recording.runs import StudyTracker
 from pipeline.recording.tracking import TAG_BEST, mlflow_retry_env, probe_server, resolve_tracking_uri, tracking_outage
+from pipeline.search.bundles import MEMBER_CPUS
 from pipeline.search.cell import QUALITY_KEYS, CellContext, CellResult, SearchSettings
 from pipeline.search.space import SearchSpace, SolverChoice
 from pipeline.search.tuner import close_trial_runs, run_search, submit_baselines, summarise_trials, with_baselines
@@ -108,6 +109,9 @@ class StudyConfig:
             raise ValueError(f"StudyConfig.trials_per_bundle must be an integer >= 1, got {k!r}")
         if k == 1:
             return
+        if self.cpus_per_trial <= k * MEMBER_CPUS:
+            raise ValueError(f"trials_per_bundle {k} needs cpus_per_trial > {k * MEMBER_CPUS:g} (each trial of a bundle "
+                             f"takes {MEMBER_CPUS:g} CPU of it), got {self.cpus_per_trial:g}")
         if self.max_concurrent % k:
             raise ValueError(f"trials_per_bundle {k} must divide max_concurrent {self.max_concurrent} (a bundle's trials "
                              f"run together, in one batch of max_concurrent); e.g. --max-concurrent {k}")

@@ -184,3 +184,8 @@ def test_gpu_studies_bundle_their_trials_with_cuda_graphs(flags, k, tmp_path):
 def test_a_trial_without_a_bundle_cannot_resume_as_a_member():
     with pytest.raises(StudyError, match="created by a study without bundles"):
         bundle_member({"lr1": 0.01}, ctx=None)
+
+
+def test_a_bundle_needs_more_cpus_than_its_members_take():
+    with pytest.raises(ValueError, match=r"trials_per_bundle 2 needs cpus_per_trial > 0.02 .* got 0.02"):
+        bundled_config(cpus_per_trial=0.02)

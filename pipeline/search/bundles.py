@@ -206,7 +206,9 @@ class BundleCoordinator:
         self.members.setdefault(bundle, set()).add(trial_id)
         if bundle not in self.workers:
             settings = self.ctx.settings
-            actor = ray.remote(BundleWorker).options(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial,
+            # the members' CPU shares come out of the bundle's: a bundle asks Ray for cpus_per_trial in all
+            cpus = settings.cpus_per_trial - settings.trials_per_bundle * MEMBER_CPUS
+            actor = ray.remote(BundleWorker).options(num_cpus=cpus, num_gpus=settings.gpus_per_trial,
                                                      max_concurrency=2 * settings.trials_per_bundle + 4)
             self.workers[bundle] = actor.remote(self.ctx, bundle, self.expected[bundle], self.left.get(bundle, {}))
         return self.workers[bundle]
