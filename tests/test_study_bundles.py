@@ -25,7 +25,7 @@ from pipeline.errors import StudyError
 from pipeline.model_studies import GPU_TRIALS_PER_BUNDLE, bundled_study
 from pipeline.models.registry import LoadedModel, ModelSpec, register_model_builder
 from pipeline.recording.exports import load_schedule
-from pipeline.search.bundles import bundle_member
+from pipeline.search.bundles import bundle_member, reaches_rung
 from pipeline.search.space import SearchSpace
 from pipeline.teacher.cache import TeacherCache
 
@@ -189,3 +189,9 @@ def test_a_trial_without_a_bundle_cannot_resume_as_a_member():
 def test_a_bundle_needs_more_cpus_than_its_members_take():
     with pytest.raises(ValueError, match=r"trials_per_bundle 2 needs cpus_per_trial > 0.02 .* got 0.02"):
         bundled_config(cpus_per_trial=0.02)
+
+
+def test_a_member_reports_to_tune_the_first_step_at_each_rung():
+    # 5 steps per epoch, rungs at epochs 1 and 3: steps 5 and 15 (and none other) first reach one.
+    assert [s for s in range(1, 21) if reaches_rung(s, 5, (1.0, 3.0))] == [5, 15]
+    assert [s for s in range(1, 8) if reaches_rung(s, 3, (1.5,))] == [5]  # epoch 4/3 < 1.5 <= 5/3

@@ -32,7 +32,9 @@ from ld3.train import LD3Bundle, LD3Result, StepMetrics, TrainingDiverged
 from pipeline.devices import placement_tags, worker_device
 from pipeline.errors import StudyError, first_line
 from pipeline.search.cell import CellContext
+from pipeline.search.halving import study_halving
 from pipeline.search.trial import (
+    EPOCH,
     TrialReporter,
     final_metrics,
     load_cell,
@@ -270,6 +272,13 @@ def bundle_member(params: dict[str, Any], ctx: CellContext) -> None:
     record_finished(run, ctx, update.outcome, update.metrics)
 
 
+def reaches_rung(step: int, epoch_steps: int, rungs: tuple[float, ...]) -> bool:
+    """Whether ``step`` is the first whose epoch reaches a rung of the halving rule: the one report at which the
+    rule records a trial at that rung (so reporting only these and each round's last step to Tune leaves its
+    decisions those of a report per step, at a fraction of the controller's work)."""
+    return any((step - 1) / epoch_steps < rung <= step / epoch_steps for rung in rungs)
+
+
 def _train_in_bundle(run: Any, params: dict[str, Any], ctx: CellContext, epoch_steps: int) -> RoundUpdate:
     """Join the bundle, then report each round's steps to MLflow and Tune until this member finishes."""
     bundle = params[BUNDLE_KEY]
@@ -280,10 +289,12 @@ def _train_in_bundle(run: Any, params: dict[str, Any], ctx: CellContext, epoch_s
         slot, placement = ray.get(worker.join.remote(trial_id, params))
         run.set_tags(placement)
         reporter, round_ = TrialReporter(run, epoch_steps), 0
+        rungs = study_halving(ctx.settings, EPOCH).rungs
         while True:
             update = ray.get(worker.result.remote(slot, round_))
             for metrics in update.steps:
-                reporter.on_step(metrics)
+                reporter.record(metrics, to_tune=metrics is update.steps[-1]
+                                or reaches_rung(metrics.step, epoch_steps, rungs))
             if update.error is not None:
                 raise StudyError(update.error)
             if update.outcome is not None:

@@ -125,11 +125,16 @@ class TrialReporter(Callback):
         self.run, self.steps_per_epoch = run, steps_per_epoch
 
     def on_step(self, m: StepMetrics) -> None:
+        self.record(m, to_tune=True)
+
+    def record(self, m: StepMetrics, *, to_tune: bool) -> None:
+        """Log a step's metrics to MLflow and, if ``to_tune``, report them to Tune."""
         metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "best_val_loss": m.best_val_loss,
                    "lr1": m.lr1, "lr2": m.lr2, "shift_lr": m.shift_lr, "accepted_fraction": m.accepted_fraction}
         self.run.log_metrics(metrics, m.step)
-        tune.report({OBJECTIVE: m.best_val_loss, EPOCH: m.step / self.steps_per_epoch, "step": m.step,
-                     "phase": m.phase, **metrics})
+        if to_tune:
+            tune.report({OBJECTIVE: m.best_val_loss, EPOCH: m.step / self.steps_per_epoch, "step": m.step,
+                         "phase": m.phase, **metrics})
 
 
 def trial_config(params: dict[str, Any], ctx: CellContext) -> LD3Config:

@@ -22,7 +22,7 @@ from pipeline.recording.runs import StudyTracker
 from pipeline.recording.tracking import TAG_FAILURE, TAG_STOPPED_BY, failure_reason
 from pipeline.search.bundles import MEMBER_CPUS, bundle_coordinator, bundle_member, bundle_suggestion, rerun_counts
 from pipeline.search.cell import CellContext
-from pipeline.search.halving import BatchedSuccessiveHalving
+from pipeline.search.halving import study_halving
 from pipeline.search.space import reference_point
 from pipeline.search.trial import EPOCH, OBJECTIVE, evaluate_baselines, ld3_trial
 
@@ -90,10 +90,7 @@ def _tuner(ctx: CellContext, path: str, restore: bool, retry: bool, verbose: int
     searcher.number_into_bundles(settings.trials_per_bundle, settings.num_trials)
     # Batches of max_concurrent trials, the searcher told only once a batch has ended, and a halving rule
     # that compares with earlier batches only: the same seed gives the same trials and the same stops.
-    scheduler = BatchedSuccessiveHalving(time_attr=EPOCH, grace_period=settings.asha_grace_epochs,
-                                         reduction_factor=settings.asha_reduction_factor,
-                                         max_t=max(settings.search.max_epochs, settings.asha_grace_epochs),
-                                         batch_size=settings.max_concurrent)
+    scheduler = study_halving(settings, EPOCH)
     storage, name = os.path.split(path.rstrip("/"))
     return tune.Tuner(
         trainable,
