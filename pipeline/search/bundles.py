@@ -5,8 +5,9 @@ With ``trials_per_bundle`` K > 1, Tune still runs one trial per Optuna suggestio
 ``bundle`` and ``bundle_size``; a bundle lies inside one ``ConcurrencyLimiter`` batch), and the members of a
 bundle meet at one ``BundleWorker`` actor, which holds the trial resources, loads the model and teacher data
 once and trains all members' configs in one ``LD3Bundle``, round by round. After each round every member gets
-its own ``StepMetrics`` (which it logs to its MLflow run and reports to Tune step by step, exactly as a
-trial of its own does), its outcome and, once it has finished, its final metrics (computed by the worker).
+its own ``StepMetrics`` (which it logs to its MLflow run step by step and reports to Tune at the steps the
+halving rule records, ``reaches_rung``, and at the round's end, with a lone trial's values), its outcome and,
+once it has finished, its final metrics (computed by the worker).
 The worker starts the next round once every member still training has confirmed the round
 (``BundleWorker.ack``) or ended: the driver's ``BundleMembers`` callback tells the cell's
 ``BundleCoordinator`` (which creates the workers) about every member Tune stopped or lost, and the worker
