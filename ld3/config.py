@@ -124,3 +124,8 @@ class DerivedHyperparameters:
     lr2: float
     shift_lr: float
     slack_radius: float
+
+
+# What the trials of one LD3Bundle must agree on: they fix the rounds, the batches and the solve (ld3.train.check_bundle).
+BUNDLE_SHARED_FIELDS = ("rounds_v1", "rounds_v2", "train_batch_size", "val_batch_size", "val_slack_batch_size",
+                        "val_solve_batch_size", "loss", "grad_checkpointing", "compile", "cuda_graphs")

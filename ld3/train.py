@@ -41,7 +41,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ld3.baselines import named_grid
-from ld3.config import DerivedHyperparameters, LD3Config  # the trainer's knobs (re-exported: ld3.train.LD3Config)
+from ld3.config import (  # the trainer's knobs (re-exported: ld3.train.LD3Config)
+    BUNDLE_SHARED_FIELDS,
+    DerivedHyperparameters,
+    LD3Config,
+)
 from ld3.cuda_graphs import GraphedSolver
 from ld3.discretizations import LearnableDiscretization
 from ld3.losses import LossFn, get_loss
@@ -250,11 +254,6 @@ class _FunctionCallback(Callback):
 # ---------------------------------------------------------------------------------------------
 # Bundles: K trials trained in one batched solve
 # ---------------------------------------------------------------------------------------------
-# LD3Config fields every trial of a bundle shares: they fix the rounds, the batches and the solve itself.
-BUNDLE_SHARED_FIELDS = ("rounds_v1", "rounds_v2", "train_batch_size", "val_batch_size", "val_slack_batch_size",
-                        "val_solve_batch_size", "loss", "grad_checkpointing", "compile", "cuda_graphs")
-
-
 def check_bundle(configs: Sequence[LD3Config]) -> None:
     """Reject a bundle whose trials differ where they must not (``BUNDLE_SHARED_FIELDS``, docs/method.md#batched-trials)."""
     if not configs or not all(isinstance(c, LD3Config) for c in configs):

@@ -98,6 +98,9 @@ def build_parser(description: str, defaults: StudyConfig | None = None) -> argpa
                    + _study_default(defaults, lambda d: ",".join(f"{c.name}:{c.order}" for c in d.solvers)))
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell"
                    + _study_default(defaults, lambda d: str(d.max_concurrent)))
+    p.add_argument("--trials-per-bundle", type=int, default=None, metavar="K",
+                   help="train K trials in one process and one batched solve (LD3Bundle); the trial resources then "
+                        "go to each bundle" + _study_default(defaults, lambda d: str(d.trials_per_bundle)))
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)"
                    + _study_default(defaults, lambda d: f"{d.gpus_per_trial:g}"))
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial"
@@ -130,12 +133,13 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfi
         "nfes": None if args.nfe is None else parse_nfes(args.nfe),
         "solvers": None if args.solvers is None else parse_solvers(args.solvers),
         "max_concurrent": args.max_concurrent,
+        "trials_per_bundle": args.trials_per_bundle,
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
     }
+    if args.learn_coefficients is not None:  # in the same replace: StudyConfig checks the options together
+        overrides["search"] = replace(config.search, learn_coefficients=LEARN_COEFFICIENTS[args.learn_coefficients])
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    if args.learn_coefficients is not None:
-        config = replace(config, search=replace(config.search, learn_coefficients=LEARN_COEFFICIENTS[args.learn_coefficients]))
     return _apply_evaluation_flags(config, args)
 
 
@@ -177,7 +181,8 @@ def plan(study: StudyConfig, options: StudyOptions) -> str:
         f"  teacher:    {teacher.solver}-o{teacher.order} NFE {teacher.nfe}, {teacher.num_samples} samples "
         f"({study.num_train} train + {study.num_validation} validation)",
         f"  cells:      {cells} = solvers {', '.join(c.label for c in study.solvers)} x NFE "
-        f"{', '.join(map(str, study.nfes))}; {study.num_trials} trials each, {study.max_concurrent} at once",
+        f"{', '.join(map(str, study.nfes))}; {study.num_trials} trials each, {study.max_concurrent} at once"
+        + (f", {study.trials_per_bundle} per bundle (one batched solve)" if study.trials_per_bundle > 1 else ""),
         f"  evaluation: {'off' if study.evaluation is None else f'{study.evaluation.num_samples} samples per schedule'}",
         f"  tracking:   {resolve_tracking_uri(options.tracking_uri, options.work_dir)}",
         f"  exports:    {study_exports_dir(options.exports_dir, study.name)}",

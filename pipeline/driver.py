@@ -69,7 +69,7 @@ def search_settings(study: StudyConfig) -> SearchSettings:
         num_trials=study.num_trials, max_concurrent=study.max_concurrent, cpus_per_trial=study.cpus_per_trial,
         gpus_per_trial=study.gpus_per_trial, asha_grace_epochs=study.asha_grace_epochs,
         asha_reduction_factor=study.asha_reduction_factor, fd_samples=study.fd_samples,
-        eval_batch_size=study.eval_batch_size, seed=study.seed)
+        eval_batch_size=study.eval_batch_size, seed=study.seed, trials_per_bundle=study.trials_per_bundle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +263,8 @@ def _study_params(study: StudyConfig) -> dict[str, Any]:
     return {"model": study.model.describe(), "teacher": study.teacher.data_settings(),
             "solvers": [s.label for s in study.solvers], "nfes": list(study.nfes), "num_train": study.num_train,
             "num_validation": study.num_validation, "num_trials": study.num_trials, "trainer": asdict(study.trainer),
-            "search": asdict(study.search), "seed": study.seed}
+            "search": asdict(study.search), "seed": study.seed,
+            **({"trials_per_bundle": study.trials_per_bundle} if study.trials_per_bundle > 1 else {})}
 
 
 def evaluate_study(study: StudyConfig, cells: Sequence[CellResult], tracker: StudyTracker,

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 CLASS_FAMILIES = ("edm", "diffusers_pixel", "diffusers_latent")  # families whose networks may take class ids
 DIFFUSERS_FAMILIES = ("diffusers_pixel", "diffusers_latent", "stable_diffusion")
+# Trials per LD3Bundle of a GPU study with --cuda-graphs (issue 20: a forward at batch 2 is latency-bound, at 16
+# ~5x the samples per second on an H200); the trials/hour of K = 1..16 are to be measured on the H200.
+GPU_TRIALS_PER_BUNDLE = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +88,17 @@ def latent_study(name: str, model: ModelSpec) -> StudyConfig:
         asha_grace_epochs=2.0,  # phase 1 (two rounds)
         eval_batch_size=10,
     )
+
+
+def bundled_study(study: StudyConfig, k: int) -> StudyConfig:
+    """``study`` with its trials trained ``k`` at a time in one batched solve (docs/design.md#batched-trials):
+    the search keeps the trainer's rounds and train batch size (a bundle's trials share them), ``k`` trials
+    run at once, and each bundle takes one GPU when the study uses GPUs."""
+    trainer = study.trainer
+    search = replace(study.search, rounds_v1=(trainer.rounds_v1, trainer.rounds_v1),
+                     rounds_v2=(trainer.rounds_v2, trainer.rounds_v2), train_batch_sizes=(trainer.train_batch_size,))
+    return replace(study, trials_per_bundle=k, max_concurrent=k, search=search,
+                   gpus_per_trial=1.0 if study.gpus_per_trial > 0 else 0.0)
 
 
 def smoke_variant(study: StudyConfig) -> StudyConfig:
@@ -193,7 +207,8 @@ class ModelStudy:
         p.add_argument("--cuda-graphs", action="store_true",
                        help="replay the trainer's solves from CUDA graphs and solve each validation check in one batch "
                             "(GPU trials; bench/RESULTS.md: reference recipe 229 s -> 39 s on an H200; kernels may differ "
-                            "in rounding from the eager ones)")
+                            "in rounding from the eager ones); on GPUs it also trains the trials "
+                            f"{GPU_TRIALS_PER_BUNDLE} per bundle unless --trials-per-bundle says otherwise")
         if "weights_dtype" in self.model_options:
             p.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPE_NAMES), default=None,
                            help="load the network weights in this dtype (default: float32)")
@@ -247,7 +262,10 @@ class ModelStudy:
         trainer = study.trainer
         if args.cuda_graphs:
             trainer = replace(trainer, cuda_graphs=True, val_solve_batch_size=study.num_validation)
-        return replace(study, model=spec, teacher=teacher, trainer=trainer)
+        study = replace(study, model=spec, teacher=teacher, trainer=trainer)
+        default_k = GPU_TRIALS_PER_BUNDLE if args.cuda_graphs and gpus > 0 else 1
+        k = default_k if args.trials_per_bundle is None else args.trials_per_bundle
+        return bundled_study(study, k) if k > 1 else study
 
     def _check_gpus(self, gpus: float, args: argparse.Namespace) -> None:
         import torch

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ld3.catalog import coefficient_shape
-from ld3.config import LD3Config
+from ld3.config import BUNDLE_SHARED_FIELDS, LD3Config
 from pipeline.evaluation.config import EvaluationConfig
 from pipeline.models.spec import ModelSpec
-from pipeline.search.space import SearchSpace, SolverChoice
+from pipeline.search.space import MEMBER_CPUS, SearchSpace, SolverChoice
 from pipeline.teacher.config import TeacherConfig
 
 
@@ -37,6 +37,7 @@ class StudyConfig:
     eval_batch_size: int = 256
     seed: int = 0  # seeds Optuna's TPE sampler
     evaluation: EvaluationConfig | None = None  # sample quality (FID / exact FD) after the search; None skips it
+    trials_per_bundle: int = 1  # K > 1: K trials train in one batched solve (LD3Bundle) on one bundle worker
 
     def __post_init__(self) -> None:
         if not self.solvers:
@@ -61,6 +62,7 @@ class StudyConfig:
             raise ValueError("StudyConfig.cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if True in self.search.learn_coefficients:
             self._check_learnable_coefficients()
+        self._check_bundles()
 
     def _check_learnable_coefficients(self) -> None:
         """Every solver of the study has coefficients to learn, and the trainer accepts learning them."""
@@ -70,6 +72,29 @@ class StudyConfig:
             except ValueError as err:
                 raise ValueError(f"SearchSpace.learn_coefficients includes True, but {err}") from None
         replace(self.trainer, learn_coefficients=True)  # LD3Config refuses e.g. cuda_graphs with it
+
+    def _check_bundles(self) -> None:
+        """Batched trials (docs/design.md#batched-trials) need bundles inside one batch of max_concurrent trials
+        and trials that agree on ``BUNDLE_SHARED_FIELDS`` and learn no coefficients."""
+        k = self.trials_per_bundle
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"StudyConfig.trials_per_bundle must be an integer >= 1, got {k!r}")
+        if k == 1:
+            return
+        if self.cpus_per_trial <= k * MEMBER_CPUS:
+            raise ValueError(f"trials_per_bundle {k} needs cpus_per_trial > {k * MEMBER_CPUS:g} (each trial of a bundle "
+                             f"takes {MEMBER_CPUS:g} CPU of it), got {self.cpus_per_trial:g}")
+        if self.max_concurrent % k:
+            raise ValueError(f"trials_per_bundle {k} must divide max_concurrent {self.max_concurrent} (a bundle's trials "
+                             f"run together, in one batch of max_concurrent); e.g. --max-concurrent {k}")
+        if True in self.search.learn_coefficients or self.trainer.learn_coefficients:
+            raise ValueError(f"trials_per_bundle {k} cannot learn solver coefficients (an LD3Bundle of several trials "
+                             "takes one set per solve); use --learn-coefficients off or trials_per_bundle 1")
+        varied = sorted(self.search.varied_fields() & set(BUNDLE_SHARED_FIELDS))
+        if varied:
+            raise ValueError(f"trials_per_bundle {k} needs the trials of a bundle to share {', '.join(varied)}, but the "
+                             "search space varies them; give them one value each in the SearchSpace (e.g. "
+                             "rounds_v1=(2, 2), train_batch_sizes=(2,)) or use trials_per_bundle 1")
 
     def evaluation_config(self) -> EvaluationConfig | None:
         """The evaluation stage's settings; unconditional settings of a conditional teacher take its conditions."""

@@ -39,11 +39,16 @@ class SearchSettings:
     fd_samples: int
     eval_batch_size: int
     seed: int
+    trials_per_bundle: int = 1  # K > 1: K trials train in one LD3Bundle on a bundle worker (pipeline.search.bundles)
 
     @property
     def resources(self) -> dict[str, float]:
-        """What one trial or baseline task asks Ray for."""
+        """What one trial (one bundle worker when K > 1) or baseline task asks Ray for."""
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
+
+    @property
+    def bundled(self) -> bool:
+        return self.trials_per_bundle > 1
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class CellContext:
     best_baseline: str | None = None  # set once the cell's baselines are evaluated
     baseline_sigmas: Mapping[str, tuple[float, ...]] | None = None  # the cell's baseline grids, likewise
     baseline_costs: Mapping[str, float] | None = None  # seconds each grid took to compute, likewise
+    bundle_coordinator: str | None = None  # name of the cell's bundle coordinator actor (trials_per_bundle > 1)
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from pipeline.search.cell import SearchSettings
+
 
 class BatchedSuccessiveHalving(FIFOScheduler):
     """ASHA's rung rule, restricted to finished batches (see the module docstring). It minimises the metric of
@@ -63,6 +65,15 @@ class BatchedSuccessiveHalving(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"BatchedSuccessiveHalving: rungs {self.rungs}, {len(self.stopped)} stopped"
+
+
+def study_halving(settings: SearchSettings, time_attr: str) -> BatchedSuccessiveHalving:
+    """The halving rule of a cell: grace ``asha_grace_epochs``, η ``asha_reduction_factor``, batches of
+    ``max_concurrent``, ``max_t`` the most epochs a trial can run."""
+    return BatchedSuccessiveHalving(time_attr=time_attr, grace_period=settings.asha_grace_epochs,
+                                    reduction_factor=settings.asha_reduction_factor,
+                                    max_t=max(settings.search.max_epochs, settings.asha_grace_epochs),
+                                    batch_size=settings.max_concurrent)
 
 
 def _rungs(grace_period: float, reduction_factor: float, max_t: float) -> tuple[float, ...]:

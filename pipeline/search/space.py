@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 INITS = ("uniform", "best_baseline")
 
 
+MEMBER_CPUS = 0.01  # what a trial of a bundle asks Ray for (a Ray placement group cannot be all zeros)
+
 @dataclass(frozen=True)
 class SolverChoice:
     """A solver of ``ld3.solvers`` (by its name in ``ld3.catalog.SOLVER_TABLE``) and its order."""
@@ -88,6 +90,15 @@ class SearchSpace:
         trial.suggest_categorical("init", list(self.inits))
         if trial.suggest_categorical("learn_coefficients", list(self.learn_coefficients)):
             trial.suggest_float("lr_coef", *self.lr_coef, log=True)
+
+    def varied_fields(self) -> set[str]:
+        """The ``LD3Config`` fields whose value this space lets differ between trials."""
+        ranges = {"slack_coef": self.slack_coef, "lr1": self.lr1, "lr2_coef": self.lr2_coef, "win_rate": self.win_rate,
+                  "rounds_v1": self.rounds_v1, "rounds_v2": self.rounds_v2, "lr_coef": self.lr_coef}
+        choices = {"decoupled": self.decoupled, "mode": self.modes, "train_batch_size": self.train_batch_sizes,
+                   "init_prior": self.inits, "learn_coefficients": self.learn_coefficients}
+        return ({name for name, (low, high) in ranges.items() if low != high}
+                | {name for name, options in choices.items() if len(set(options)) > 1})
 
     @property
     def max_epochs(self) -> int:

@@ -4,6 +4,8 @@ trainable). Each builds the model, loads and verifies the cached teacher data an
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ from ld3.metrics import gmm_frechet_distance
 from ld3.models.gmm import GaussianMixture
 from ld3.sampling import sample, schedule_loss
 from ld3.schedules import NoiseSchedule
-from ld3.train import Callback, StepMetrics, TeacherData, train_ld3
+from ld3.train import Callback, LD3Config, LD3Result, StepMetrics, TeacherData, train_ld3
 from ld3.utils import latents_from_seeds
 from pipeline.devices import placement_tags, worker_device
 from pipeline.errors import StudyError
@@ -50,7 +52,7 @@ def _teacher_data(data: TeacherDataset, model: LoadedModel, device: torch.device
     return TeacherData(z=data.z.to(device), y=data.y.to(device), cond=cond)
 
 
-def _load(ctx: CellContext) -> _Loaded:
+def load_cell(ctx: CellContext) -> _Loaded:
     """Build the model and read the cached teacher data (verified) in this process."""
     settings = ctx.settings
     device = worker_device(settings.gpus_per_trial)
@@ -100,7 +102,7 @@ def evaluate_baselines(ctx: CellContext) -> tuple[dict[str, dict[str, Any]], Noi
     """Validation loss (original latents), data metrics and compute time of each baseline grid available for
     the cell (ld3.baselines.cell_baselines: GITS from the training latents), one nested run each; also returns
     the model's noise schedule (so the driver never loads the network)."""
-    loaded = _load(ctx)
+    loaded = load_cell(ctx)
     timed = cell_baselines(ctx.n_steps, loaded.model.schedule, loaded.model.denoiser, loaded.train.z, loaded.train.cond,
                            latent=loaded.model.decode is not None, ays_model=AYS_MODEL_OF_FAMILY.get(ctx.settings.family))
     grids, costs = {k: v.sigmas for k, v in timed.items()}, {k: v.cost_s for k, v in timed.items()}
@@ -116,34 +118,47 @@ def evaluate_baselines(ctx: CellContext) -> tuple[dict[str, dict[str, Any]], Noi
     return results, loaded.model.schedule
 
 
-class _TrialReporter(Callback):
+class TrialReporter(Callback):
     """Trainer callback: per-step metrics to MLflow (batched) and to Tune (for ASHA)."""
 
     def __init__(self, run: TrialLogger, steps_per_epoch: int):
         self.run, self.steps_per_epoch = run, steps_per_epoch
 
     def on_step(self, m: StepMetrics) -> None:
+        self.record(m, to_tune=True)
+
+    def record(self, m: StepMetrics, *, to_tune: bool) -> None:
+        """Log a step's metrics to MLflow and, if ``to_tune``, report them to Tune."""
         metrics = {"train_loss": m.train_loss, "val_loss": m.val_loss, "best_val_loss": m.best_val_loss,
                    "lr1": m.lr1, "lr2": m.lr2, "shift_lr": m.shift_lr, "accepted_fraction": m.accepted_fraction}
         self.run.log_metrics(metrics, m.step)
-        tune.report({OBJECTIVE: m.best_val_loss, EPOCH: m.step / self.steps_per_epoch, "step": m.step,
-                     "phase": m.phase, **metrics})
+        if to_tune:
+            tune.report({OBJECTIVE: m.best_val_loss, EPOCH: m.step / self.steps_per_epoch, "step": m.step,
+                         "phase": m.phase, **metrics})
 
 
-def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
-    """Ray Tune function trainable: one LD3 run with the sampled hyperparameters."""
-    torch.set_num_threads(max(1, int(ctx.settings.cpus_per_trial)))
-    loaded = _load(ctx)
-    config = hyperparameters_to_config(params, ctx.settings.trainer, ctx.best_baseline)
+def trial_config(params: dict[str, Any], ctx: CellContext) -> LD3Config:
+    """The trainer's config of a trial's sampled hyperparameters in this cell."""
+    return hyperparameters_to_config(params, ctx.settings.trainer, ctx.best_baseline)
+
+
+def start_trial_run(ctx: CellContext, config: LD3Config, tags: dict[str, str]) -> TrialLogger:
+    """The trial's MLflow run (keyed by its Tune trial id), its config logged as params."""
     trial_id = tune.get_context().get_trial_id() or "local"
-    run = TrialLogger.start(ctx.tracking, kind="trial", key=trial_id, **ctx.identity,
-                            params={**asdict(config), "n_steps": ctx.n_steps}, tags=placement_tags(loaded.device),
-                            flush_interval_s=2.0)
+    return TrialLogger.start(ctx.tracking, kind="trial", key=trial_id, **ctx.identity,
+                             params={**asdict(config), "n_steps": ctx.n_steps}, tags=tags, flush_interval_s=2.0)
+
+
+def steps_per_epoch(ctx: CellContext, config: LD3Config) -> int:
+    """Training steps per pass over the training data (ASHA's clock)."""
+    return math.ceil(ctx.settings.num_train / config.train_batch_size)
+
+
+@contextmanager
+def recorded_end(run: TrialLogger) -> Iterator[None]:
+    """End ``run`` KILLED when Tune stops the trial, FAILED (tag ``failure``) when the block raises."""
     try:
-        result = train_ld3(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, loaded.model.schedule,
-                           loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
-                           loss_fn=loaded.loss_fn,
-                           callbacks=[_TrialReporter(run, math.ceil(len(loaded.train) / config.train_batch_size))])
+        yield
     except (SystemExit, KeyboardInterrupt):
         # Tune stops a function trainable by raising SystemExit from tune.report (ray.train's session, when the
         # scheduler stops the trial or the experiment ends): the trial was stopped, it did not fail.
@@ -153,7 +168,11 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
         run.set_tags({TAG_FAILURE: failure_reason(err)})
         run.end("FAILED")
         raise
-    metrics = _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval, result.coefficients)
+
+
+def record_finished(run: TrialLogger, ctx: CellContext, result: LD3Result, metrics: dict[str, float]) -> None:
+    """A trial that trained to its end: final metrics, schedule (and coefficients) to MLflow, FINISHED, and its
+    last report to Tune (what the cell's summary and export read)."""
     coefficients = None if result.coefficients is None else result.coefficients.tolist()
     run.log_final_metrics({**metrics, "train_steps": result.steps, "train_wall_time_s": result.wall_time_s})
     run.log_schedule(result.sigmas, result.sigmas_eval, baselines=baseline_grids(ctx), costs=ctx.baseline_costs)
@@ -164,3 +183,21 @@ def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
     tune.report({OBJECTIVE: metrics["final_val_loss"], **metrics, "step": result.steps,
                  "sigmas": result.sigmas.tolist(), "sigmas_eval": result.sigmas_eval.tolist(),
                  "coefficients": coefficients, "mlflow_run_id": run.run_id, "stop_reason": result.stop_reason})
+
+
+def final_metrics(ctx: CellContext, loaded: _Loaded, result: LD3Result) -> dict[str, float]:
+    """A trained schedule's validation loss on the original latents and its data metrics."""
+    return _final_metrics(ctx, loaded, result.sigmas, result.sigmas_eval, result.coefficients)
+
+
+def ld3_trial(params: dict[str, Any], ctx: CellContext) -> None:
+    """Ray Tune function trainable: one LD3 run with the sampled hyperparameters."""
+    torch.set_num_threads(max(1, int(ctx.settings.cpus_per_trial)))
+    loaded = load_cell(ctx)
+    config = trial_config(params, ctx)
+    run = start_trial_run(ctx, config, placement_tags(loaded.device))
+    with recorded_end(run):
+        result = train_ld3(loaded.model.denoiser, ctx.solver.name, ctx.solver.order, loaded.model.schedule,
+                           loaded.train, loaded.val, config, n_steps=ctx.n_steps, decode=loaded.model.decode,
+                           loss_fn=loaded.loss_fn, callbacks=[TrialReporter(run, steps_per_epoch(ctx, config))])
+    record_finished(run, ctx, result, final_metrics(ctx, loaded, result))

@@ -20,9 +20,10 @@ from ray.tune.search.optuna import OptunaSearch
 from ld3.train import TrainingDiverged
 from pipeline.recording.runs import StudyTracker
 from pipeline.recording.tracking import TAG_FAILURE, TAG_STOPPED_BY, failure_reason
+from pipeline.search.bundles import bundle_coordinator, bundle_member, bundle_suggestion, rerun_counts
 from pipeline.search.cell import CellContext
-from pipeline.search.halving import BatchedSuccessiveHalving
-from pipeline.search.space import reference_point
+from pipeline.search.halving import study_halving
+from pipeline.search.space import MEMBER_CPUS, reference_point
 from pipeline.search.trial import EPOCH, OBJECTIVE, evaluate_baselines, ld3_trial
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,13 @@ def with_baselines(ctx: CellContext, baselines: dict[str, dict[str, Any]]) -> Ce
 
 def run_search(ctx: CellContext, path: str, *, resume: bool, verbose: int,
                callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
-    """Run (or resume, from ``path``) the cell's Tune experiment to its end."""
-    with _tune_console(verbose):
-        return _tuner(ctx, path, resume, verbose, callbacks).fit()
+    """Run (or resume, from ``path``) the cell's Tune experiment to its end (with ``trials_per_bundle`` > 1,
+    its trials trained in bundles: pipeline.search.bundles)."""
+    restore = resume and tune.Tuner.can_restore(path)
+    retry = restore and _retry_errored(path)
+    expected = rerun_counts(tune.ExperimentAnalysis(path).trials, retry) if restore and ctx.settings.bundled else {}
+    with _tune_console(verbose), bundle_coordinator(ctx, expected) as (ctx, bundle_callbacks):
+        return _tuner(ctx, path, restore, retry, verbose, [*callbacks, *bundle_callbacks]).fit()
 
 
 @contextlib.contextmanager
@@ -66,11 +71,14 @@ def _tune_console(verbose: int) -> Iterator[None]:
             os.environ[NEW_OUTPUT_ENV] = previous
 
 
-def _tuner(ctx: CellContext, path: str, resume: bool, verbose: int, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+def _tuner(ctx: CellContext, path: str, restore: bool, retry: bool, verbose: int,
+           callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     settings = ctx.settings
-    trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), settings.resources)
-    if resume and tune.Tuner.can_restore(path):
-        retry = _retry_errored(path)
+    if settings.bundled:  # thin members; the bundle workers take the trial resources
+        trainable = tune.with_resources(tune.with_parameters(bundle_member, ctx=ctx), {"cpu": MEMBER_CPUS, "gpu": 0})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(ld3_trial, ctx=ctx), settings.resources)
+    if restore:
         log.info("resuming Tune experiment at %s%s", path, " (running its errored trials again)" if retry else "")
         # resume (not restart) keeps the trial ids, so a rerun trial's MLflow run supersedes its earlier one
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry)
@@ -79,12 +87,10 @@ def _tuner(ctx: CellContext, path: str, resume: bool, verbose: int, callbacks: S
         points_to_evaluate=[reference_point(settings.trainer, settings.search, ctx.n_steps)],
         sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, settings.num_trials // 3)),
     )
+    searcher.number_into_bundles(settings.trials_per_bundle, settings.num_trials)
     # Batches of max_concurrent trials, the searcher told only once a batch has ended, and a halving rule
     # that compares with earlier batches only: the same seed gives the same trials and the same stops.
-    scheduler = BatchedSuccessiveHalving(time_attr=EPOCH, grace_period=settings.asha_grace_epochs,
-                                         reduction_factor=settings.asha_reduction_factor,
-                                         max_t=max(settings.search.max_epochs, settings.asha_grace_epochs),
-                                         batch_size=settings.max_concurrent)
+    scheduler = study_halving(settings, EPOCH)
     storage, name = os.path.split(path.rstrip("/"))
     return tune.Tuner(
         trainable,
@@ -101,6 +107,19 @@ class _RestartableOptunaSearch(OptunaSearch):
     trial as failed when it errored, and plain OptunaSearch logs a warning with the whole result at every report
     (or, for a trial it does not know, ends the search with a KeyError). Such reports reach Tune and ASHA;
     Optuna's sampler does not learn from them."""
+
+    bundle_size, num_trials, suggested = 1, 0, 0  # bundles of suggestions (pipeline.search.bundles)
+
+    def number_into_bundles(self, bundle_size: int, num_trials: int) -> None:
+        """With ``bundle_size`` > 1, tag each suggestion with its bundle (``bundle_suggestion``)."""
+        self.bundle_size, self.num_trials = bundle_size, num_trials
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if self.bundle_size == 1 or not isinstance(config, dict):
+            return config
+        self.suggested += 1
+        return bundle_suggestion(config, self.suggested - 1, self.num_trials, self.bundle_size)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._is_open(trial_id):
