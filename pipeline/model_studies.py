@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 CLASS_FAMILIES = ("edm", "diffusers_pixel", "diffusers_latent")  # families whose networks may take class ids
 DIFFUSERS_FAMILIES = ("diffusers_pixel", "diffusers_latent", "stable_diffusion")
-# Trials per LD3Bundle of a GPU study with --cuda-graphs (issue 20: a forward at batch 2 is latency-bound, at 16
-# ~5x the samples per second on an H200); the trials/hour of K = 1..16 are to be measured on the H200.
+# Trials per LD3Bundle of a GPU study with --cuda-graphs: the best K measured on an H200 (bench/RESULTS.md, "issue 20,
+# second pass": 225 / 324 / 402 / 543 / 620 trials per hour for K = 1 / 2 / 4 / 8 / 16, peak memory ~23 GiB at each).
 GPU_TRIALS_PER_BUNDLE = 16
 
 
