@@ -25,7 +25,7 @@ from ld3.catalog import solver_info
 from pipeline.errors import StudyInputError, as_input_error
 from pipeline.evaluation.config import EvaluationConfig
 from pipeline.search.space import SolverChoice
-from pipeline.study_config import StudyConfig, StudyOptions
+from pipeline.study_config import StudyConfig, StudyOptions, bundle_search
 
 if TYPE_CHECKING:
     from pipeline.driver import StudyResult
@@ -99,8 +99,9 @@ def build_parser(description: str, defaults: StudyConfig | None = None) -> argpa
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once per cell"
                    + _study_default(defaults, lambda d: str(d.max_concurrent)))
     p.add_argument("--trials-per-bundle", type=int, default=None, metavar="K",
-                   help="train K trials in one process and one batched solve (LD3Bundle); the trial resources then "
-                        "go to each bundle" + _study_default(defaults, lambda d: str(d.trials_per_bundle)))
+                   help="train K trials in one process and one batched solve (LD3Bundle): the search keeps the "
+                        "trainer's rounds and batch size, K trials run at once unless --max-concurrent says "
+                        "otherwise, and the trial resources go to each bundle" + _study_default(defaults, lambda d: str(d.trials_per_bundle)))
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (fractions share a GPU)"
                    + _study_default(defaults, lambda d: f"{d.gpus_per_trial:g}"))
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial"
@@ -137,8 +138,15 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace) -> StudyConfi
         "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_trial": args.cpus_per_trial,
     }
-    if args.learn_coefficients is not None:  # in the same replace: StudyConfig checks the options together
-        overrides["search"] = replace(config.search, learn_coefficients=LEARN_COEFFICIENTS[args.learn_coefficients])
+    # everything in one replace: StudyConfig checks the options together
+    search = config.search
+    if args.learn_coefficients is not None:
+        search = replace(search, learn_coefficients=LEARN_COEFFICIENTS[args.learn_coefficients])
+    if (args.trials_per_bundle or 1) > 1:  # a bundle's trials share rounds and batch size; K run at once by default
+        search = bundle_search(search, config.trainer)
+        overrides["max_concurrent"] = args.max_concurrent or args.trials_per_bundle
+    if search != config.search:
+        overrides["search"] = search
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return _apply_evaluation_flags(config, args)
 

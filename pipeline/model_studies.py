@@ -29,7 +29,7 @@ from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
 from pipeline.models.spec import ModelSpec
 from pipeline.search.space import SearchSpace, SolverChoice
-from pipeline.study_config import StudyConfig
+from pipeline.study_config import StudyConfig, bundle_search
 from pipeline.teacher.config import TeacherConfig
 
 if TYPE_CHECKING:
@@ -94,10 +94,7 @@ def bundled_study(study: StudyConfig, k: int) -> StudyConfig:
     """``study`` with its trials trained ``k`` at a time in one batched solve (docs/design.md#batched-trials):
     the search keeps the trainer's rounds and train batch size (a bundle's trials share them), ``k`` trials
     run at once, and each bundle takes one GPU when the study uses GPUs."""
-    trainer = study.trainer
-    search = replace(study.search, rounds_v1=(trainer.rounds_v1, trainer.rounds_v1),
-                     rounds_v2=(trainer.rounds_v2, trainer.rounds_v2), train_batch_sizes=(trainer.train_batch_size,))
-    return replace(study, trials_per_bundle=k, max_concurrent=k, search=search,
+    return replace(study, trials_per_bundle=k, max_concurrent=k, search=bundle_search(study.search, study.trainer),
                    gpus_per_trial=1.0 if study.gpus_per_trial > 0 else 0.0)
 
 

@@ -104,6 +104,12 @@ class StudyConfig:
         return config
 
 
+def bundle_search(search: SearchSpace, trainer: LD3Config) -> SearchSpace:
+    """``search`` with the fields the trials of a bundle share (rounds, train batch size) fixed to ``trainer``'s."""
+    return replace(search, rounds_v1=(trainer.rounds_v1, trainer.rounds_v1),
+                   rounds_v2=(trainer.rounds_v2, trainer.rounds_v2), train_batch_sizes=(trainer.train_batch_size,))
+
+
 @dataclass(frozen=True)
 class StudyOptions:
     """Where a study runs and writes (runtime, not part of the science)."""

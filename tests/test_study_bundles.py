@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from ld3.models.gmm import default_gmm
 from ld3.schedules import EDMSchedule
 from ld3.train import BUNDLE_SHARED_FIELDS, LD3Config, TeacherData, train_ld3
-from pipeline.cli import exit_code, main
+from pipeline.cli import apply_overrides, build_parser, exit_code, main
 from pipeline.driver import StudyConfig, StudyOptions, run_study
 from pipeline.errors import StudyError
 from pipeline.model_studies import GPU_TRIALS_PER_BUNDLE, bundled_study
@@ -141,10 +141,9 @@ def test_a_dying_bundle_worker_fails_its_trials_in_one_line_and_a_rerun_complete
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--trials-per-bundle", "4"], "trials_per_bundle 4 must divide max_concurrent 2"),
+    (["--trials-per-bundle", "4", "--max-concurrent", "2"], "trials_per_bundle 4 must divide max_concurrent 2"),
     (["--trials-per-bundle", "2", "--learn-coefficients", "on"], "cannot learn solver coefficients"),
     (["--trials-per-bundle", "0"], "trials_per_bundle must be an integer >= 1"),
-    (["--trials-per-bundle", "2"], "share train_batch_size, but the search space varies them"),
 ])
 def test_combinations_that_cannot_bundle_are_one_line_errors(flags, message, tmp_path, capsys):
     argv = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--cache-dir", str(tmp_path / "c"),
@@ -163,9 +162,23 @@ def test_a_search_that_varies_a_shared_field_cannot_bundle():
 def test_dry_run_shows_the_bundles(tmp_path, capsys):
     argv = ["--smoke-test", "--dry-run", "--trials-per-bundle", "2", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
             "--cache-dir", str(tmp_path / "c"), "--exports-dir", str(tmp_path / "e"), "--storage-dir", str(tmp_path / "t")]
-    make_config = lambda args: replace(gmm_study.make_config(args), search=BUNDLED_SPACE)  # noqa: E731
-    assert main(make_config, "test", argv) == 0
+    assert main(gmm_study.make_config, "test", argv) == 0
     assert "2 trials each, 2 at once, 2 per bundle (one batched solve)" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_bundle_flag_fixes_what_a_bundle_shares_and_runs_k_at_once():
+    """A script's default search varies rounds and batch size; --trials-per-bundle keeps the trainer's values."""
+    parser = build_parser("test", gmm_study.STUDY)
+    for flags, concurrent in ((["--trials-per-bundle", "3"], 3), (["--trials-per-bundle", "2", "--max-concurrent", "4"], 4)):
+        args = parser.parse_args(flags)
+        config = apply_overrides(gmm_study.make_config(args), args)
+        trainer = config.trainer
+        assert (config.trials_per_bundle, config.max_concurrent) == (int(flags[1]), concurrent)
+        assert not config.search.varied_fields() & set(BUNDLE_SHARED_FIELDS)
+        assert (config.search.rounds_v1[0], config.search.rounds_v2[0], config.search.train_batch_sizes) == (
+            trainer.rounds_v1, trainer.rounds_v2, (trainer.train_batch_size,))
+        assert config.search.lr1 == gmm_study.STUDY.search.lr1  # the searched hyperparameters are untouched
 
 
 @pytest.mark.parametrize("flags, k", [(["--cuda-graphs", "--gpus-per-trial", "1"], GPU_TRIALS_PER_BUNDLE),
