@@ -111,20 +111,16 @@ def _reload_restores_val_latents() -> Iterator[None]:
 def _reference_window() -> Iterator[None]:
     """In lambda mode the reference's window is ``win_rate * min |xi_{i+1} - xi_i|`` of the raw parameters (zero
     while they are equal, as at its all-ones start), not of the lambda grid as ours (docs/method.md)."""
-    original = LearnableDiscretization.eval_offsets
+    original = LearnableDiscretization.eval_window
 
-    def eval_offsets(self, grid: Tensor) -> Tensor:
-        if self.mode != "lambda":
-            return original(self, grid)
-        window = self.win_rate * self.xi.detach().diff().abs().min()
-        offsets = torch.clamp(self.xi_c, -window, window)
-        return torch.cat([offsets.new_zeros(1), offsets[1:-1], offsets.new_zeros(1)])
+    def eval_window(self, grid: Tensor) -> Tensor:
+        return self.win_rate * self.xi.detach().diff().abs().min() if self.mode == "lambda" else original(self, grid)
 
-    LearnableDiscretization.eval_offsets = eval_offsets
+    LearnableDiscretization.eval_window = eval_window
     try:
         yield
     finally:
-        LearnableDiscretization.eval_offsets = original
+        LearnableDiscretization.eval_window = original
 
 
 _PATCHERS = {"unipc_gradient": _unipc_reference_gradient, "reload_val_latents": _reload_restores_val_latents,

@@ -278,9 +278,13 @@ class LearnableDiscretization(nn.Module):
         span = self._grid_end - self._grid_start
         return torch.where(done <= 0.5, self._grid_start + done * span, self._grid_end - left * span)
 
+    def eval_window(self, grid: Tensor) -> Tensor:
+        """The decoupling window ``w = win_rate * min_i |s_{i+1} - s_i|`` of the detached grid."""
+        return self.win_rate * grid.detach().diff().abs().min()
+
     def eval_offsets(self, grid: Tensor) -> Tensor:
-        """Decoupled shifts ``clamp(xi_c, -w, w)`` with the window from the detached grid, endpoints zero."""
-        window = self.win_rate * grid.detach().diff().abs().min()
+        """Decoupled shifts ``clamp(xi_c, -w, w)`` (``eval_window``), endpoints zero."""
+        window = self.eval_window(grid)
         offsets = torch.clamp(self.xi_c, -window, window)
         return torch.cat([offsets.new_zeros(1), offsets[1:-1], offsets.new_zeros(1)])
 
